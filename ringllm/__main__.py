@@ -1,0 +1,3 @@
+from ringllm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""The llama transformer forward pass on one peer's shard, rank-agnostic.
+
+The model knows nothing of ranks or sockets: it computes with whatever slices the loader gave
+it and calls the injected ``allreduce`` twice per layer (after attention, after the FFN), once
+for the embedding when the vocabulary is split, and returns logits for its own vocabulary
+slice. With one peer the allreduce is the identity and this is the plain single-device model.
+
+A forward call takes a batch of *segments*: each is one sequence's new tokens (a whole prompt
+for prefill, one token for decode) with that sequence's KV cache. All segments' tokens go
+through the matrix products together; only attention is per segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ringllm.errors import RequestError
+from ringllm.shard.loader import ShardWeights
+
+AllReduce = Callable[[np.ndarray], np.ndarray]
+
+
+def identity_allreduce(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+class KVCache:
+    """Keys and values of one sequence for this peer's KV heads, grown on demand.
+
+    Layout per layer: (n_kv_local, capacity, head_dim) float32, so one head's keys are
+    contiguous for the attention matmuls. Capacity doubles as the sequence grows, up to
+    ``max_len`` (the context length); nothing is reserved for tokens that never come.
+    """
+
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, max_len: int, initial: int = 64) -> None:
+        self.n_layers, self.n_kv, self.head_dim, self.max_len = n_layers, n_kv, head_dim, max_len
+        self.length = 0
+        self._cap = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self._initial = initial
+
+    def reserve(self, length: int) -> None:
+        if length > self.max_len:
+            raise RequestError(f"sequence of {length} tokens exceeds the context length {self.max_len}")
+        if length <= self._cap:
+            return
+        cap = max(self._initial, self._cap)
+        while cap < length:
+            cap *= 2
+        cap = min(cap, self.max_len)
+        shape = (self.n_kv, cap, self.head_dim)
+        for store in (self.k, self.v):
+            for i in range(self.n_layers):
+                grown = np.empty(shape, np.float32)
+                if i < len(store):
+                    grown[:, : self.length] = store[i][:, : self.length]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+        self._cap = cap
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+@dataclass
+class Segment:
+    """New tokens of one sequence to run through the model, appended to its cache."""
+
+    cache: KVCache
+    tokens: np.ndarray  # int (n,)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)[:, None] * weight
+
+
+def rope_tables(positions: np.ndarray, rope_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (n, rope_dim // 2) for GGML's NORM rope (adjacent pairs rotate)."""
+    inv_freq = theta ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x (n, heads, head_dim): rotate pairs (x[2i], x[2i+1]) by the position's angle i."""
+    half = cos.shape[1]
+    out = x.copy()
+    even, odd = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out[..., 0 : 2 * half : 2] = even * c - odd * s
+    out[..., 1 : 2 * half : 2] = even * s + odd * c
+    return out
+
+
+class Transformer:
+    """One peer's part of a llama model. ``forward`` returns local-vocab logits."""
+
+    def __init__(self, weights: ShardWeights, allreduce: AllReduce = identity_allreduce, max_len: int | None = None) -> None:
+        self.w = weights
+        self.cfg = weights.config
+        self.shard = weights.shard
+        self.allreduce = allreduce
+        self.max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
+        self.vocab_range = weights.shard.vocab
+        self._split_vocab = (self.vocab_range[1] - self.vocab_range[0]) != self.cfg.vocab_size
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers, self.shard.n_kv_heads, self.cfg.head_dim, self.max_len)
+
+    def forward(self, segments: Sequence[Segment]) -> np.ndarray:
+        """Run the segments' tokens; return logits (n_segments, local_vocab) of each last token.
+
+        Every peer must call ``forward`` with the same segments in the same order (the
+        allreduces pair up across peers). Raises RequestError before any compute if a
+        sequence would exceed the context length; caches are then unchanged.
+        """
+        for seg in segments:
+            seg.cache.reserve(seg.cache.length + len(seg.tokens))
+        c = self.cfg
+        ids = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])
+        positions = np.concatenate([np.arange(s.cache.length, s.cache.length + len(s.tokens)) for s in segments])
+        cos, sin = rope_tables(positions, c.rope_dim, c.rope_theta)
+        x = self._embed(ids)  # (n, dim)
+        for li, lw in enumerate(self.w.layers):
+            h = rmsnorm(x, lw.attn_norm, c.rms_eps)
+            attn = self._attention(li, lw, h, segments, cos, sin)
+            x = x + self.allreduce(lw.wo.partial(attn))
+            h = rmsnorm(x, lw.ffn_norm, c.rms_eps)
+            gu = lw.gate_up.matmul(h)
+            f = gu.shape[1] // 2
+            gate, up = gu[:, :f], gu[:, f:]
+            act = gate / (1.0 + np.exp(-gate)) * up  # SwiGLU: silu(gate) * up
+            x = x + self.allreduce(lw.down.partial(act))
+        for seg in segments:
+            seg.cache.length += len(seg.tokens)
+        last = np.cumsum([len(s.tokens) for s in segments]) - 1
+        h = rmsnorm(x[last], self.w.output_norm, c.rms_eps)
+        return self.w.output.matmul(h)
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        v0, v1 = self.vocab_range
+        if (ids < 0).any() or (ids >= self.cfg.vocab_size).any():
+            bad = int(ids[(ids < 0) | (ids >= self.cfg.vocab_size)][0])
+            raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if not self._split_vocab:
+            return self.w.embed.rows_f32(ids)
+        # Vocab-parallel embedding: the owner of each id fills its row, others add zeros.
+        x = np.zeros((len(ids), self.cfg.dim), np.float32)
+        mine = (ids >= v0) & (ids < v1)
+        if mine.any():
+            x[mine] = self.w.embed.rows_f32(ids[mine] - v0)
+        return self.allreduce(x)
+
+    def _attention(self, li: int, lw, h: np.ndarray, segments: Sequence[Segment],
+                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Attention over this peer's heads: (n, dim) -> (n, my_heads * head_dim)."""
+        sh, hd = self.shard, self.cfg.head_dim
+        nh, nkv, qpk = sh.n_heads, sh.n_kv_heads, sh.q_per_kv
+        n = h.shape[0]
+        if lw.qkv is None:
+            return np.zeros((n, 0), np.float32)
+        qkv = lw.qkv.matmul(h)
+        q = apply_rope(qkv[:, : nh * hd].reshape(n, nh, hd), cos, sin)
+        k = apply_rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd), cos, sin)
+        v = qkv[:, (nh + nkv) * hd :].reshape(n, nkv, hd)
+        out = np.empty((n, nh * hd), np.float32)
+        scale = np.float32(1.0 / np.sqrt(hd))
+        start = 0
+        for seg in segments:
+            t = len(seg.tokens)
+            p0 = seg.cache.length
+            K, V = seg.cache.k[li], seg.cache.v[li]
+            K[:, p0 : p0 + t] = k[start : start + t].transpose(1, 0, 2)
+            V[:, p0 : p0 + t] = v[start : start + t].transpose(1, 0, 2)
+            L = p0 + t
+            # (t, nh, hd) -> (nkv, qpk * t, hd): the query heads of a KV group share its keys.
+            qs = q[start : start + t].reshape(t, nkv, qpk, hd).transpose(1, 2, 0, 3).reshape(nkv, qpk * t, hd)
+            scores = np.matmul(qs, K[:, :L].transpose(0, 2, 1)) * scale  # (nkv, qpk*t, L)
+            if t > 1:  # causal mask: query i (position p0+i) sees keys 0..p0+i
+                qpos = np.tile(np.arange(p0, L), qpk)
+                scores += np.where(np.arange(L)[None, :] > qpos[:, None], np.float32(-np.inf), np.float32(0))[None]
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            o = np.matmul(scores, V[:, :L])  # (nkv, qpk*t, hd)
+            out[start : start + t] = o.reshape(nkv, qpk, t, hd).transpose(2, 0, 1, 3).reshape(t, nh * hd)
+            start += t
+        return out

@@ -1,0 +1,174 @@
+"""Load one peer's slices of a GGUF model into compact, contiguous, still-quantized memory.
+
+Only the owned slices are copied out of the file map (a row range is a contiguous byte range;
+a column range is a byte range inside every row, cut on quant-block boundaries); the
+:class:`~ringllm.model_file.ModelFile` can then be dropped so the map and its touched pages go.
+
+Matrices that read the same input are fused into one quantized matrix (q|k|v, gate|up) when
+their quant types agree: one kernel call instead of three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ringllm.model_file import ModelConfig, ModelFile, TensorInfo
+from ringllm.ops.quant import QuantMatrix, block_size
+from ringllm.shard.plan import PeerShard, Range
+
+
+class Projection:
+    """Several output-row blocks that share one input, computed as few kernel calls as possible.
+
+    ``matvec``/``matmul`` return the concatenation of the parts' outputs, in order.
+    """
+
+    def __init__(self, parts: Sequence[tuple[TensorInfo, Range]]) -> None:
+        parts = [(info, (a, b)) for info, (a, b) in parts if b > a]  # a peer may own no rows of a part
+        self.cols = parts[0][0].cols if parts else 0
+        self.out_sizes = [b - a for _, (a, b) in parts]
+        self.matrices: list[QuantMatrix] = []
+        group: list[np.ndarray] = []
+        qtype = None
+        for info, (a, b) in parts:
+            if group and info.qtype != qtype:
+                self.matrices.append(_from_rows(qtype, group, self.cols))
+                group = []
+            qtype = info.qtype
+            group.append(info.raw[a:b])
+        if group:
+            self.matrices.append(_from_rows(qtype, group, self.cols))
+
+    @property
+    def rows(self) -> int:
+        return sum(self.out_sizes)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x (n, cols) -> (n, rows)."""
+        if not self.matrices:
+            return np.zeros((x.shape[0], 0), np.float32)
+        if len(self.matrices) == 1:
+            return self.matrices[0].matmul(x)
+        return np.concatenate([m.matmul(x) for m in self.matrices], axis=1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices)
+
+
+def _from_rows(qtype, blocks: list[np.ndarray], cols: int) -> QuantMatrix:
+    raw = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
+    return QuantMatrix.from_raw(qtype, np.ascontiguousarray(raw), raw.shape[0], cols)
+
+
+@dataclass
+class RowParallel:
+    """A matrix split by input columns: this peer's columns [lo, hi) of W (rows, cols).
+
+    The stored slice is widened to whole quant blocks, [start, stop) ⊇ [lo, hi); the input is
+    zero outside [lo, hi), so the widening adds exact zeros and the partial sums stay exact.
+    """
+
+    matrix: QuantMatrix | None
+    lo: int
+    hi: int
+    start: int
+    stop: int
+    rows: int
+
+    def partial(self, x: np.ndarray) -> np.ndarray:
+        """x (n, hi - lo) -> this peer's partial product (n, rows)."""
+        if self.matrix is None:
+            return np.zeros((x.shape[0], self.rows), np.float32)
+        if (self.start, self.stop) != (self.lo, self.hi):
+            padded = np.zeros((x.shape[0], self.stop - self.start), np.float32)
+            padded[:, self.lo - self.start: self.hi - self.start] = x
+            x = padded
+        return self.matrix.matmul(x)
+
+    @classmethod
+    def load(cls, info: TensorInfo, lo: int, hi: int) -> "RowParallel":
+        if hi <= lo:
+            return cls(None, lo, hi, lo, lo, info.rows)
+        bs = block_size(info.qtype)
+        start, stop = lo // bs * bs, -(-hi // bs) * bs
+        per_block = info.raw.shape[1] // (info.cols // bs)
+        raw = info.raw[:, start // bs * per_block: stop // bs * per_block]
+        m = QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(raw), info.rows, stop - start)
+        return cls(m, lo, hi, start, stop, info.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes if self.matrix is not None else 0
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    qkv: Projection | None  # None when this peer owns no attention heads
+    wo: RowParallel
+    ffn_norm: np.ndarray
+    gate_up: Projection
+    down: RowParallel
+
+
+@dataclass
+class ShardWeights:
+    """Everything one peer holds of the model."""
+
+    config: ModelConfig
+    shard: PeerShard
+    layers: list[LayerWeights]
+    embed: QuantMatrix  # token_embd rows of this peer's vocab range
+    output: QuantMatrix  # output rows of the vocab range (the same object when tied)
+    output_norm: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        n = self.embed.nbytes + (0 if self.output is self.embed else self.output.nbytes)
+        for lw in self.layers:
+            n += lw.wo.nbytes + lw.gate_up.nbytes + lw.down.nbytes + (lw.qkv.nbytes if lw.qkv else 0)
+        return n
+
+
+def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
+    """Copy this peer's slices out of ``model`` (which the caller may drop afterwards)."""
+    c = model.config
+    hd = c.head_dim
+    (h0, h1), (k0, k1), (f0, f1), (v0, v1) = shard.heads, shard.kv_heads, shard.ffn, shard.vocab
+
+    def vec(name: str) -> np.ndarray:
+        info = model.tensor(name)
+        return QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(info.raw), info.rows, info.cols).dequantize().reshape(-1)
+
+    layers = []
+    for i in range(c.n_layers):
+        t = lambda part: model.tensor(f"blk.{i}.{part}.weight")  # noqa: E731
+        qkv = None
+        if h1 > h0:
+            qkv = Projection([(t("attn_q"), (h0 * hd, h1 * hd)), (t("attn_k"), (k0 * hd, k1 * hd)),
+                              (t("attn_v"), (k0 * hd, k1 * hd))])
+        layers.append(LayerWeights(
+            attn_norm=vec(f"blk.{i}.attn_norm.weight"),
+            qkv=qkv,
+            wo=RowParallel.load(t("attn_output"), h0 * hd, h1 * hd),
+            ffn_norm=vec(f"blk.{i}.ffn_norm.weight"),
+            gate_up=Projection([(t("ffn_gate"), (f0, f1)), (t("ffn_up"), (f0, f1))]),
+            down=RowParallel.load(t("ffn_down"), f0, f1),
+        ))
+    embd_info = model.tensor("token_embd.weight")
+    embed = QuantMatrix.from_raw(embd_info.qtype, np.ascontiguousarray(embd_info.raw[v0:v1]), v1 - v0, embd_info.cols)
+    if c.tied_embeddings:
+        output = embed
+    else:
+        out_info = model.tensor("output.weight")
+        output = QuantMatrix.from_raw(out_info.qtype, np.ascontiguousarray(out_info.raw[v0:v1]), v1 - v0, out_info.cols)
+    return ShardWeights(c, shard, layers, embed, output, vec("output_norm.weight"))
+
+
+def ffn_block_size(model: ModelFile) -> int:
+    """The granularity at which the FFN hidden dimension may be cut (ffn_down's block size)."""
+    return max(block_size(model.tensor(f"blk.{i}.ffn_down.weight").qtype) for i in range(model.config.n_layers))

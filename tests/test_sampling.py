@@ -1,0 +1,124 @@
+"""The sampling rule gives the same token on every peer, and the same as one peer would."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ringllm.errors import RequestError
+from ringllm.sampling import SamplingParams, choose
+from ringllm.shard.plan import apportion
+
+
+class ThreadGather:
+    """An all-gather among P threads (a stand-in for the ring's collective)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def for_rank(self, rank: int):
+        def gather(obj):
+            self.barrier.wait()
+            self.slots[rank] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()
+            return out
+        return gather
+
+
+def sharded_choose(logits, weights, params, step, history):
+    ranges = apportion(len(logits), weights)
+    g = ThreadGather(len(ranges))
+    results = [None] * len(ranges)
+
+    def run(rank):
+        lo, hi = ranges[rank]
+        results[rank] = choose(logits[lo:hi], lo, len(logits), params, step, history, g.for_rank(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(ranges))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+params_st = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 0.5, 1.0, 1.7]),
+    top_k=st.sampled_from([0, 1, 5, 40]),
+    top_p=st.sampled_from([1.0, 0.9, 0.5]),
+    min_p=st.sampled_from([0.0, 0.05, 0.3]),
+    repeat_penalty=st.sampled_from([1.0, 1.3]),
+    seed=st.integers(0, 2**40),
+    top_logprobs=st.integers(0, 5),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(params=params_st, weights=st.lists(st.floats(0.5, 3), min_size=1, max_size=5),
+       step=st.integers(0, 1000), data=st.data())
+def test_split_vocab_picks_what_one_peer_picks(params, weights, step, data):
+    vocab = data.draw(st.integers(len(weights) * 2, 600))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+    history = list(rng.integers(0, vocab, 10))
+    single = choose(logits, 0, vocab, params, step, history)
+    shards = sharded_choose(logits, weights, params, step, history)
+    for c in shards:
+        assert c.token == single.token
+        assert c.logprob == pytest.approx(single.logprob, abs=1e-5)
+        assert [i for i, _ in c.top_logprobs] == [i for i, _ in single.top_logprobs]
+
+
+def test_greedy_is_argmax_lowest_id_on_ties():
+    logits = np.array([1.0, 3.0, 3.0, 2.0], np.float32)
+    assert choose(logits, 0, 4, SamplingParams(temperature=0), 0, []).token == 1
+
+
+def test_temperature_sampling_follows_the_distribution():
+    """Gumbel-max with Philox noise samples softmax(logits / T): a chi-square-free frequency check."""
+    logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    counts = np.bincount([choose(logits, 0, 3, p, s, []).token for s in range(4000)], minlength=3) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_top_k_and_min_p_exclude_tokens():
+    logits = np.array([5.0, 4.9, 0.0, -1.0], np.float32)
+    p = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, seed=1)
+    assert {choose(logits, 0, 4, p, s, []).token for s in range(300)} == {0, 1}
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5, seed=1)
+    assert {choose(logits, 0, 4, p, s, []).token for s in range(300)} == {0, 1}
+
+
+def test_top_p_without_top_k_finds_the_nucleus_across_peers():
+    """A flat distribution needs more candidates than the first gather brings."""
+    logits = np.zeros(5000, np.float32)
+    logits[:3] = 50.0  # the nucleus at p=0.9 is these three; the rest are negligible
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=5)
+    for s in range(20):
+        toks = {c.token for c in sharded_choose(logits, [1, 1, 1], p, s, [])}
+        assert len(toks) == 1 and toks.pop() in (0, 1, 2)
+
+
+def test_bad_params_are_refused_with_the_field_named():
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_top_p_nucleus_larger_than_first_gather_matches_single_peer():
+    """A nucleus of thousands of tokens forces the candidate gather to grow; still exact."""
+    logits = np.linspace(0.0, 0.5, 6000).astype(np.float32)[::-1].copy()
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=11)
+    for s in range(5):
+        single = choose(logits, 0, len(logits), p, s, []).token
+        assert {c.token for c in sharded_choose(logits, [1, 2, 1], p, s, [])} == {single}

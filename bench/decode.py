@@ -1,0 +1,109 @@
+"""Single-peer speed and memory: one JSON line per result.
+
+    python bench/decode.py [--model smollm2-135m] [--threads 1 2] [--repeats 3]
+
+Each thread count runs in its own subprocess (so peak RSS is its own), side by side in one
+run. Per run: prefill tokens/s for a 128-token prompt, decode tokens/s for 128 greedy tokens
+after a 64-token prompt (best of --repeats), peak RSS, and RSS above a bare
+``python -c "import numpy"`` measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+TEXT = ("The history of the ring network begins with the token ring, a local area network in which each "
+        "station passes a small frame to its neighbour; the frame circulates until a station claims it. ")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(model_spec: str, threads: int, repeats: int) -> dict:
+    import numpy as np
+
+    from ringllm import runtime
+    from ringllm.model import Segment
+
+    runtime.set_threads(threads)
+    info, mf = runtime.open_model(model_spec)
+    model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
+    del mf
+    ids = info.tokenizer.encode(TEXT * 8, parse_special=False)
+    p128, p64 = np.array(ids[:128]), np.array(ids[:64])
+    model.forward([Segment(model.new_cache(), p64[:8])])  # warm-up: buffers, pools
+
+    prefill = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.forward([Segment(model.new_cache(), p128)])
+        prefill.append(time.perf_counter() - t)
+
+    decode = []
+    for _ in range(repeats):
+        cache = model.new_cache()
+        logits = model.forward([Segment(cache, p64)])[0]
+        t = time.perf_counter()
+        for _ in range(128):
+            tok = int(np.argmax(logits))
+            logits = model.forward([Segment(cache, np.array([tok]))])[0]
+        decode.append(time.perf_counter() - t)
+    return {
+        "bench": "decode",
+        "model": os.path.basename(info.path),
+        "threads": threads,
+        "decode_tok_s": round(128 / min(decode), 2),
+        "prefill_tok_s": round(128 / min(prefill), 1),
+        "prefill_tokens": 128,
+        "decode_tokens": 128,
+        "decode_prompt_tokens": 64,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_mb": round(current_rss_mb(), 1),
+        "weights_mb": round(model.w.nbytes / 2**20, 1),
+    }
+
+
+def baseline_rss() -> float:
+    code = "import numpy, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)"
+    return float(subprocess.check_output([sys.executable, "-c", code]).strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        print(json.dumps(worker(args.model, args.worker, args.repeats)))
+        return
+    from ringllm.fetch import resolve_model
+
+    resolve_model(args.model)  # fetch once, outside the timed workers
+    base = baseline_rss()
+    for n in args.threads:
+        out = subprocess.check_output([sys.executable, __file__, "--model", args.model, "--repeats",
+                                       str(args.repeats), "--worker", str(n)])
+        row = json.loads(out.decode().strip().splitlines()[-1])
+        row["numpy_baseline_rss_mb"] = round(base, 1)
+        row["peak_rss_above_numpy_mb"] = round(row["peak_rss_mb"] - base, 1)
+        row["machine"] = f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

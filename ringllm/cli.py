@@ -1,0 +1,118 @@
+"""The ``ringllm`` command line.
+
+Generation flags are a stable interface that other tools script against; ``--json`` prints
+one object: {"prompt_ids", "ids", "text", "top_logprobs", "finish_reason"}.
+Errors a user can cause print one line ``ringllm: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from ringllm.errors import RingError
+
+
+def _progress(msg: str) -> None:
+    print(f"ringllm: {msg}", file=sys.stderr, flush=True)
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("prompt", help="the prompt (a user message unless --raw)")
+    g.add_argument("--model", default=None, help="known model name or GGUF path (default: smollm2-135m)")
+    g.add_argument("--raw", action="store_true", help="use the prompt as-is: no chat template, special tokens parsed")
+    g.add_argument("--system", default=None, help="system message (chat mode)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="0 disables (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="1 disables (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="end-of-generation tokens do not stop")
+    g.add_argument("--top-logprobs", type=int, default=0, metavar="K", help="report the K most likely tokens per step")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--threads", type=int, default=None, help="compute threads per peer (default: cores / peers)")
+
+
+def build_request(args: argparse.Namespace, ids: list[int]):
+    from ringllm.generation import Request
+    from ringllm.sampling import SamplingParams
+
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(7), "little")
+    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repeat_penalty=args.repeat_penalty, seed=seed, top_logprobs=args.top_logprobs)
+    return Request(tuple(ids), sp, max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from ringllm.fetch import pull
+
+    print(pull(args.name, progress=_progress))
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    if args.peers != 1:
+        from ringllm.launch import run_local_ring
+
+        return run_local_ring(args)
+    from ringllm.generation import LocalEngine, collect
+    from ringllm import runtime
+
+    runtime.set_threads(args.threads or os.cpu_count() or 1)
+    info, mf = runtime.open_model(args.model, progress=_progress)
+    ids = runtime.prompt_ids(info, args.prompt, raw=args.raw, system=args.system)
+    request = build_request(args, ids)
+    request.check_fits(info.config.context_length)
+    model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
+    del mf
+    engine = LocalEngine(model, info.tokenizer)
+    return print_completion(args, collect(engine.generate(request), ids, on_text=None if args.json else _stream))
+
+
+def _stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def print_completion(args: argparse.Namespace, done) -> int:
+    if args.json:
+        print(json.dumps(done.to_json(), ensure_ascii=False))
+    else:
+        print()
+    print(f"ringllm: {len(done.ids)} tokens, first after {done.time_to_first_token * 1000:.0f} ms, "
+          f"{done.tokens_per_second:.1f} tokens/s, finish: {done.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringllm", description="Run one LLM across several peers over a TCP ring.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("pull", help="fetch a known model into the cache")
+    pp.add_argument("name", nargs="?", default="smollm2-135m")
+    pp.set_defaults(func=cmd_pull)
+
+    pl = sub.add_parser("local", help="start an N-peer ring on 127.0.0.1 and stream one reply")
+    pl.add_argument("--peers", type=int, default=1)
+    add_generation_flags(pl)
+    pl.set_defaults(func=cmd_local)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RingError as exc:
+        print(f"ringllm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ringllm: interrupted", file=sys.stderr)
+        return 130

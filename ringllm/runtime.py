@@ -1,0 +1,90 @@
+"""Wiring for one process: open a model, load a peer's shard, turn a user's prompt into ids.
+
+Kept apart from the CLI so the Python API, the peer and the tests share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ringllm.chat import render_chat
+from ringllm.fetch import resolve_model
+from ringllm.model import AllReduce, Transformer, identity_allreduce
+from ringllm.model_file import ModelConfig, ModelFile
+from ringllm.ops import quant
+from ringllm.shard.loader import ffn_block_size, load_shard
+from ringllm.shard.plan import ShardPlan, plan_shards
+from ringllm.tokenizer import Tokenizer
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ModelInfo:
+    """What every peer knows of the model without holding its weights."""
+
+    path: str
+    config: ModelConfig
+    fingerprint: str
+    tokenizer: Tokenizer
+    chat_template: str | None
+    ffn_block: int
+
+
+def open_model(spec: str | None, progress: Progress | None = None) -> tuple[ModelInfo, ModelFile]:
+    """Resolve (fetching if needed) and open a model; return its info and the open file."""
+    mf = ModelFile(resolve_model(spec, progress=progress))
+    info = ModelInfo(
+        path=str(mf.path),
+        config=mf.config,
+        fingerprint=mf.fingerprint,
+        tokenizer=Tokenizer.from_metadata(mf.metadata),
+        chat_template=mf.metadata.get("tokenizer.chat_template"),
+        ffn_block=ffn_block_size(mf),
+    )
+    return info, mf
+
+
+def make_plan(info: ModelInfo, weights: Sequence[float]) -> ShardPlan:
+    return plan_shards(info.config, weights, info.ffn_block)
+
+
+def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce = identity_allreduce,
+               max_len: int | None = None) -> Transformer:
+    """Load rank's shard out of the open file. The caller should drop ``mf`` afterwards."""
+    return Transformer(load_shard(mf, plan[rank]), allreduce, max_len=max_len)
+
+
+def set_threads(n: int) -> None:
+    """Use n compute threads for the kernels; BLAS itself stays single-threaded (we split rows)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    quant.set_threads(n)
+
+
+def prompt_ids(info: ModelInfo, prompt: str | None = None, *, raw: bool = False, system: str | None = None,
+               messages: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    """Token ids for a prompt: raw text as-is (special tokens parsed), or chat messages rendered
+    with the model's chat template (ChatML when the model has none)."""
+    tok = info.tokenizer
+    if raw:
+        assert prompt is not None
+        return tok.encode(prompt, parse_special=True)
+    if messages is None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = render_chat(info.chat_template, list(messages), add_generation_prompt=True,
+                       bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+                       eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "")
+    ids = tok.encode(text, parse_special=True, add_bos=False)
+    # Templates that write the BOS token themselves must not get a second one.
+    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids = [tok.bos_id] + ids
+    return ids
+
+
+def as_ids(x: Sequence[int]) -> np.ndarray:
+    return np.asarray(list(x), np.int64)

@@ -1,0 +1,277 @@
+"""ring.toml: the ring's topology and shared settings, parsed once into frozen dataclasses.
+
+Every error names the file, the field and (for peer entries) the peer index, e.g.
+``ring.toml: peer[2].port: must be an integer in 1..65535, got 'abc'``.
+
+    name = "home"                 # ring name, checked at the handshake
+    model = "smollm2-135m"        # known model name or GGUF path (each peer may override)
+    model_sha256 = "b179..."      # optional: every peer verifies its file against it
+    wire = "f32"                  # or "q8_0": activations compressed on the wire
+    secret = "..."                # or secret_file = "path", or secret_env = "VAR"
+    context_length = 4096         # optional cap on the model's context
+    heartbeat_interval = 1.0      # seconds between pings on an idle link
+    dead_after = 5.0              # a link silent this long is lost
+    max_queue = 64                # requests waiting beyond the running batch before 429
+    max_batch = 16                # sequences in one forward step
+
+    [http]                        # optional: the OpenAI-compatible API on every peer
+    host = "127.0.0.1"
+    api_key = "..."               # optional bearer key (or api_key_env)
+
+    [tls]                         # optional: TLS on peer links (and HTTP)
+    cert = "peer.crt"
+    key = "peer.key"
+    ca = "ca.crt"
+
+    [[peer]]                      # in ring order; rank = position
+    host = "127.0.0.1"
+    port = 7700
+    http_port = 8700              # optional (default port + 1000)
+    weight = 1.0                  # optional capacity weight
+    model = "/path/model.gguf"    # optional per-peer path to the same model
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ringllm.errors import ConfigError
+
+WIRE_FORMATS = ("f32", "q8_0")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    rank: int
+    host: str
+    port: int
+    http_port: int
+    weight: float = 1.0
+    model: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    name: str
+    model: str
+    secret: bytes
+    peers: tuple[PeerConfig, ...]
+    model_sha256: str | None = None
+    wire: str = "f32"
+    context_length: int | None = None
+    heartbeat_interval: float = 1.0
+    dead_after: float = 5.0
+    max_queue: int = 64
+    max_batch: int = 16
+    http_host: str = "127.0.0.1"
+    api_key: str | None = None
+    tls: TlsConfig | None = None
+    source: str = "ring.toml"
+
+    @property
+    def size(self) -> int:
+        return len(self.peers)
+
+    @property
+    def weights(self) -> list[float]:
+        return [p.weight for p in self.peers]
+
+    def peer(self, rank: int) -> PeerConfig:
+        if not 0 <= rank < self.size:
+            raise ConfigError(f"{self.source}: rank {rank} is out of range: the ring has {self.size} peers (ranks 0..{self.size - 1})")
+        return self.peers[rank]
+
+    def model_for(self, rank: int) -> str:
+        return self.peer(rank).model or self.model
+
+
+class _Fields:
+    """Typed reads from one TOML table; errors name the file and the field path."""
+
+    def __init__(self, source: str, prefix: str, table: dict[str, Any]) -> None:
+        self.source, self.prefix, self.table = source, prefix, table
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.prefix}{key}: {msg}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, check=None, desc: str = "") -> Any:
+        if key not in self.table:
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default
+        v = self.table[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+            raise self.fail(key, f"must be {desc or _kind_name(kind)}, got {v!r}")
+        if check is not None and not check(v):
+            raise self.fail(key, f"must be {desc}, got {v!r}")
+        return v
+
+    def unknown(self, allowed: set[str]) -> None:
+        extra = sorted(set(self.table) - allowed)
+        if extra:
+            raise self.fail(extra[0], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _kind_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+    return names.get(kind, str(kind))
+
+
+def load_ring(path: str | os.PathLike[str]) -> RingConfig:
+    """Read and validate a ring.toml file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"ring file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read ring file {p}: {exc.strerror}") from None
+    return parse_ring(text, source=str(p), base=p.parent)
+
+
+def parse_ring(text: str, *, source: str = "ring.toml", base: Path = Path(".")) -> RingConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    top = _Fields(source, "", doc)
+    top.unknown({"name", "model", "model_sha256", "wire", "secret", "secret_file", "secret_env", "context_length",
+                 "heartbeat_interval", "dead_after", "max_queue", "max_batch", "http", "tls", "peer"})
+    name = top.get("name", str, check=lambda s: 0 < len(s) <= 64, desc="a non-empty string of at most 64 characters")
+    model = top.get("model", str, "smollm2-135m", check=bool, desc="a non-empty model name or path")
+    sha = top.get("model_sha256", str, None, check=lambda s: len(s) == 64 and all(c in "0123456789abcdef" for c in s),
+                  desc="64 lowercase hex digits")
+    wire = top.get("wire", str, "f32", check=lambda s: s in WIRE_FORMATS, desc=f"one of {', '.join(WIRE_FORMATS)}")
+    secret = _secret(top, base)
+    positive = dict(check=lambda x: x > 0, desc="a positive number")
+    ctx = top.get("context_length", int, None, check=lambda x: x > 0, desc="a positive integer")
+    hb = top.get("heartbeat_interval", float, 1.0, **positive)
+    dead = top.get("dead_after", float, 5.0, **positive)
+    if dead <= hb:
+        raise top.fail("dead_after", f"must be greater than heartbeat_interval ({hb}), got {dead}")
+    max_queue = top.get("max_queue", int, 64, check=lambda x: x >= 0, desc="an integer >= 0")
+    max_batch = top.get("max_batch", int, 16, check=lambda x: x >= 1, desc="an integer >= 1")
+
+    http = _Fields(source, "http.", top.get("http", dict, {}))
+    http.unknown({"host", "api_key", "api_key_env"})
+    http_host = http.get("host", str, "127.0.0.1", check=bool, desc="a host name or address")
+    api_key = http.get("api_key", str, None, check=bool, desc="a non-empty string")
+    if env := http.get("api_key_env", str, None):
+        api_key = os.environ.get(env) or _raise(http.fail("api_key_env", f"environment variable {env} is not set"))
+
+    tls = None
+    if "tls" in doc:
+        t = _Fields(source, "tls.", top.get("tls", dict))
+        t.unknown({"cert", "key", "ca"})
+        files = {k: (base / t.get(k, str)).resolve() for k in ("cert", "key", "ca")}
+        for k, f in files.items():
+            if not f.is_file():
+                raise t.fail(k, f"file {f} does not exist")
+        tls = TlsConfig(**files)
+
+    raw_peers = top.get("peer", list, desc="an array of [[peer]] tables")
+    if not raw_peers:
+        raise top.fail("peer", "the ring needs at least one [[peer]]")
+    peers = []
+    seen: dict[tuple[str, int], int] = {}
+    for i, entry in enumerate(raw_peers):
+        if not isinstance(entry, dict):
+            raise top.fail(f"peer[{i}]", "must be a table")
+        f = _Fields(source, f"peer[{i}].", entry)
+        f.unknown({"host", "port", "http_port", "weight", "model"})
+        host = f.get("host", str, check=bool, desc="a host name or address")
+        port = f.get("port", int, check=lambda x: 1 <= x <= 65535, desc="an integer in 1..65535")
+        http_port = f.get("http_port", int, port + 1000 if port + 1000 <= 65535 else port - 1000,
+                          check=lambda x: 1 <= x <= 65535, desc="an integer in 1..65535")
+        weight = f.get("weight", float, 1.0, check=lambda x: 0 < x < 1e6, desc="a positive number")
+        model_path = f.get("model", str, None, check=bool, desc="a non-empty path")
+        for key, prt in (("port", port), ("http_port", http_port)):
+            if (host, prt) in seen:
+                raise f.fail(key, f"{host}:{prt} is already used by peer[{seen[(host, prt)]}]")
+            seen[(host, prt)] = i
+        peers.append(PeerConfig(i, host, port, http_port, weight, model_path))
+    return RingConfig(name=name, model=model, secret=secret, peers=tuple(peers), model_sha256=sha, wire=wire,
+                      context_length=ctx, heartbeat_interval=hb, dead_after=dead, max_queue=max_queue,
+                      max_batch=max_batch, http_host=http_host, api_key=api_key, tls=tls, source=source)
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def _secret(top: _Fields, base: Path) -> bytes:
+    given = [k for k in ("secret", "secret_file", "secret_env") if k in top.table]
+    if len(given) != 1:
+        raise top.fail("secret", "give exactly one of secret, secret_file, secret_env" +
+                       (f" (found {', '.join(given)})" if given else ""))
+    key = given[0]
+    if key == "secret":
+        value = top.get("secret", str)
+    elif key == "secret_file":
+        path = base / top.get("secret_file", str)
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise top.fail("secret_file", f"cannot read {path}: {exc.strerror}") from None
+    else:
+        var = top.get("secret_env", str)
+        value = os.environ.get(var, "")
+        if not value:
+            raise top.fail("secret_env", f"environment variable {var} is not set or empty")
+    if len(value) < 16:
+        raise top.fail(key, f"the secret must be at least 16 characters (got {len(value)})")
+    return value.encode()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago (bound and released by the OS)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def init_ring_toml(peers: int, *, name: str = "local", model: str = "smollm2-135m", wire: str = "f32",
+                   host: str = "127.0.0.1", model_sha256: str | None = None) -> str:
+    """The text of a ready loopback ring.toml: free ports and a fresh random secret."""
+    if peers < 1:
+        raise ConfigError(f"--peers must be at least 1, got {peers}")
+    ports = free_ports(2 * peers, host)
+    lines = [
+        f'name = "{name}"',
+        f'model = "{model}"',
+        *([f'model_sha256 = "{model_sha256}"'] if model_sha256 else []),
+        f'wire = "{wire}"',
+        f'secret = "{secrets.token_hex(24)}"',
+        "",
+    ]
+    for r in range(peers):
+        lines += ["[[peer]]", f'host = "{host}"', f"port = {ports[2 * r]}", f"http_port = {ports[2 * r + 1]}",
+                  "weight = 1.0", ""]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from ringllm.errors import ConfigError
+from ringllm.ring.config import init_ring_toml, load_ring, parse_ring
+
+GOOD = """
+name = "t"
+secret = "0123456789abcdef0123"
+[[peer]]
+host = "127.0.0.1"
+port = 7001
+[[peer]]
+host = "127.0.0.1"
+port = 7002
+weight = 2
+"""
+
+
+def test_good_ring_parses():
+    cfg = parse_ring(GOOD)
+    assert cfg.size == 2 and cfg.weights == [1.0, 2.0] and cfg.wire == "f32"
+    assert cfg.peers[1].http_port == 8002 and cfg.secret == b"0123456789abcdef0123"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name = 't'\nsecret='0123456789abcdef0123'\n", r"peer: is required"),
+    (GOOD.replace("port = 7002", "port = 'abc'"), r"peer\[1\]\.port: must be an integer in 1..65535, got 'abc'"),
+    (GOOD.replace("port = 7002", "port = 70000"), r"peer\[1\]\.port: must be an integer in 1..65535"),
+    (GOOD.replace("port = 7002", "port = 7001"), r"peer\[1\]\.port: 127.0.0.1:7001 is already used by peer\[0\]"),
+    (GOOD.replace("weight = 2", "weight = -1"), r"peer\[1\]\.weight: must be a positive number"),
+    (GOOD.replace('name = "t"', 'name = "t"\nwire = "f16"'), r"wire: must be one of f32, q8_0, got 'f16'"),
+    (GOOD.replace('secret = "0123456789abcdef0123"', 'secret = "short"'), r"secret: the secret must be at least 16"),
+    (GOOD.replace('secret = "0123456789abcdef0123"', ''), r"secret: give exactly one of"),
+    (GOOD.replace('secret = "0123456789abcdef0123"', 'secret_env = "RINGLLM_NO_SUCH_VAR"'), r"RINGLLM_NO_SUCH_VAR is not set"),
+    (GOOD + "\nbogus = 1\n", r"peer\[1\]\.bogus: unknown key"),
+    ("name = \n", r"not valid TOML"),
+    (GOOD.replace("[[peer]]\nhost = \"127.0.0.1\"\nport = 7001", "[[peer]]\nport = 7001", 1), r"peer\[0\]\.host: is required"),
+])
+def test_bad_ring_names_the_field(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_ring(text)
+
+
+def test_wrong_rank_is_named():
+    with pytest.raises(ConfigError, match=r"rank 5 is out of range: the ring has 2 peers"):
+        parse_ring(GOOD).peer(5)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_ring(tmp_path / "nope.toml")
+
+
+def test_init_writes_a_ring_that_parses(tmp_path):
+    p = tmp_path / "ring.toml"
+    p.write_text(init_ring_toml(3))
+    cfg = load_ring(p)
+    assert cfg.size == 3 and len({x.port for x in cfg.peers} | {x.http_port for x in cfg.peers}) == 6
+    assert len(cfg.secret) == 48
+    assert parse_ring(init_ring_toml(3)).secret != cfg.secret

@@ -91,6 +91,48 @@ def print_completion(args: argparse.Namespace, done) -> int:
     return 0
 
 
+def cmd_peer(args: argparse.Namespace) -> int:
+    from ringllm.launch import run_peer
+
+    return run_peer(args)
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ringllm.client import connect
+    from ringllm.launch import _body_from_args
+
+    address = args.peer
+    if address is None:
+        from ringllm.ring.config import load_ring
+
+        cfg = load_ring(args.ring)
+        p = cfg.peer(args.rank)
+        address = f"{cfg.http_host if cfg.http_host not in ('0.0.0.0', '::') else p.host}:{p.http_port}"
+
+    async def go():
+        async with connect(address, api_key=args.api_key) as client:
+            return await client.complete(on_text=None if args.json else _stream, **_body_from_args(args))
+
+    return print_completion(args, asyncio.run(go()))
+
+
+def cmd_ring_init(args: argparse.Namespace) -> int:
+    from ringllm.ring.config import init_ring_toml
+
+    text = init_ring_toml(args.peers, name=args.name, model=args.model, wire=args.wire, host=args.host)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        if os.path.exists(args.out) and not args.force:
+            raise RingError(f"{args.out} exists; pass --force to overwrite it")
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"ringllm: wrote {args.out} ({args.peers} peers on {args.host})", file=sys.stderr)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringllm", description="Run one LLM across several peers over a TCP ring.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +145,34 @@ def make_parser() -> argparse.ArgumentParser:
     pl.add_argument("--peers", type=int, default=1)
     add_generation_flags(pl)
     pl.set_defaults(func=cmd_local)
+
+    pe = sub.add_parser("peer", help="run one peer of the ring described by ring.toml")
+    pe.add_argument("--ring", required=True, help="path to ring.toml")
+    pe.add_argument("--rank", type=int, required=True, help="this peer's position in ring.toml")
+    pe.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    pe.add_argument("-v", "--verbose", action="store_true")
+    pe.set_defaults(func=cmd_peer)
+
+    pr = sub.add_parser("prompt", help="stream a completion from any peer of a running ring")
+    where = pr.add_mutually_exclusive_group(required=True)
+    where.add_argument("--peer", help="the peer's HTTP address host:port")
+    where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
+    pr.add_argument("--rank", type=int, default=0)
+    pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"))
+    add_generation_flags(pr)
+    pr.set_defaults(func=cmd_prompt)
+
+    ri = sub.add_parser("ring", help="ring.toml tools")
+    rsub = ri.add_subparsers(dest="ring_command", required=True)
+    init = rsub.add_parser("init", help="write a ready loopback ring.toml (free ports, fresh secret)")
+    init.add_argument("--peers", type=int, required=True)
+    init.add_argument("--out", default="ring.toml", help="file to write, or - for stdout")
+    init.add_argument("--name", default="local")
+    init.add_argument("--model", default="smollm2-135m")
+    init.add_argument("--wire", default="f32", choices=["f32", "q8_0"])
+    init.add_argument("--host", default="127.0.0.1")
+    init.add_argument("--force", action="store_true")
+    init.set_defaults(func=cmd_ring_init)
     return p
 
 

@@ -1,0 +1,275 @@
+"""One ring member: its shard of the model, its ring links, and the masterless step loop.
+
+How P peers agree on the work without a coordinator
+---------------------------------------------------
+Every peer runs the same loop. A *step* is:
+
+1. **Control all-gather.** Each peer contributes its news since the last step: requests that
+   arrived at it (with ids ``"<rank>-<n>"``) and cancellations of its own requests. All peers
+   receive the same list (rank order) and apply the same rule: new requests join the waiting
+   line in (rank, arrival) order; cancelled ones leave; the waiting line's head is admitted
+   while fewer than ``max_batch`` sequences run.
+2. **Forward.** The running sequences' new tokens (a whole prompt for a new sequence, one token
+   otherwise) go through the model as one batch: two all-reduces per layer.
+3. **Choose.** Every peer applies the sampling rule (:mod:`ringllm.sampling`) to its vocabulary
+   slice and all pick the same token per sequence.
+4. **Advance.** Each sequence's state machine (:class:`~ringllm.generation.Sequence`) takes its
+   token; being deterministic, it finishes at the same step on every peer. The peer where a
+   request arrived streams its text to the client.
+
+An idle ring sends nothing: a peer with no running sequences waits until it has news or a
+neighbour's first control frame arrives, then joins the step. Compute runs in one worker
+thread per peer (numpy releases the GIL), so the event loop keeps moving bytes and serving
+clients meanwhile; the compute thread reaches the collectives through the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator
+
+import msgpack
+import numpy as np
+
+from ringllm.errors import PeerLostError, RequestError, RingError
+from ringllm.generation import Request, Sequence, Step
+from ringllm.model import Segment, Transformer
+from ringllm.ring.collectives import Collectives
+from ringllm.ring.links import RingLinks
+from ringllm.runtime import ModelInfo
+from ringllm.sampling import SamplingParams, choose
+
+log = logging.getLogger("ringllm.peer")
+
+_DONE = object()  # end-of-stream marker in a request's queue
+
+
+class QueueFullError(RequestError):
+    """The ring's waiting line is full; try again later."""
+
+
+@dataclass
+class _Running:
+    rid: str
+    origin: int
+    seq: Sequence
+    out: asyncio.Queue | None = None  # on the origin peer: Steps, then _DONE or an exception
+
+
+@dataclass
+class PeerStats:
+    steps: int = 0
+    tokens: int = 0
+    requests: int = 0
+    compute_seconds: float = 0.0
+    sync_seconds: float = 0.0
+    last_error: str | None = None
+    started: float = field(default_factory=time.time)
+
+
+def request_to_wire(r: Request) -> dict[str, Any]:
+    return {"prompt_ids": list(r.prompt_ids), "sampling": asdict(r.sampling), "max_tokens": r.max_tokens,
+            "stop": list(r.stop), "ignore_eos": r.ignore_eos}
+
+
+def request_from_wire(d: dict[str, Any]) -> Request:
+    return Request(tuple(int(t) for t in d["prompt_ids"]), SamplingParams(**d["sampling"]), max_tokens=int(d["max_tokens"]),
+                   stop=tuple(d["stop"]), ignore_eos=bool(d["ignore_eos"]))
+
+
+class Peer:
+    """A peer over already-open ring links with an already-loaded shard.
+
+    Use :meth:`generate` from any task on the peer's event loop to run a request; run
+    :meth:`run` as a task to drive the ring. Every peer of the ring must run :meth:`run`.
+    """
+
+    def __init__(self, model: Transformer, info: ModelInfo, links: RingLinks, *, wire: str = "f32",
+                 max_batch: int = 16, max_queue: int = 64) -> None:
+        self.model = model
+        self.info = info
+        self.links = links
+        self.rank, self.size = links.rank, links.size
+        self.coll = Collectives(links.rank, links.size, links, wire)
+        model.allreduce = self.allreduce_sync  # the model's syncs go round this peer's ring
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.stats = PeerStats()
+        self._counter = itertools.count()
+        self._news_new: list[tuple[str, dict]] = []
+        self._news_cancel: list[str] = []
+        self._news = asyncio.Event()
+        self._outs: dict[str, asyncio.Queue] = {}
+        self._waiting: list[tuple[str, int, dict]] = []
+        self._running: list[_Running] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ringllm-compute-{self.rank}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failed: BaseException | None = None
+
+    # -- the client side --------------------------------------------------------------------
+    async def generate(self, request: Request) -> AsyncIterator[Step]:
+        """Run ``request`` on the ring; yield its Steps as they are chosen.
+
+        Raises RequestError before anything runs if the prompt does not fit the context,
+        QueueFullError if the waiting line is full, and PeerLostError (naming the peer) if the
+        ring breaks mid-request. Closing the iterator early cancels the request on every peer
+        and frees its KV cache.
+        """
+        if self._failed is not None:
+            raise self._failed
+        request.check_fits(self.model.max_len)
+        if len(self._waiting) + len(self._news_new) >= self.max_queue + max(0, self.max_batch - len(self._running)):
+            raise QueueFullError(f"the ring's queue is full ({self.max_queue} waiting); retry later")
+        rid = f"{self.rank}-{next(self._counter)}"
+        out: asyncio.Queue = asyncio.Queue()
+        self._outs[rid] = out
+        self._news_new.append((rid, request_to_wire(request)))
+        self._news.set()
+        self.stats.requests += 1
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            self._outs.pop(rid, None)
+            if not finished and self._failed is None:
+                self._news_cancel.append(rid)
+                self._news.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the ring stopped on this peer, or None while it runs."""
+        return self._failed
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting) + len(self._news_new)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- the ring side ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Drive the ring until it breaks (raises the failure) or the task is cancelled.
+
+        On failure every in-flight request on this peer gets the error.
+        """
+        self._loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._step()
+        except BaseException as exc:
+            self._fail_all(exc if isinstance(exc, RingError) else PeerLostError("ring", f"peer stopped: {exc!r}"))
+            raise
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _step(self) -> None:
+        if not self._running and not self._waiting:
+            await self._wait_for_work()
+        news = {"new": self._news_new, "cancel": self._news_cancel}
+        self._news_new, self._news_cancel = [], []
+        self._news.clear()
+        t0 = time.perf_counter()
+        union = await self._gather_obj(news)
+        self._apply(union)
+        if not self._running:
+            return
+        batch = list(self._running)
+        t1 = time.perf_counter()
+        choices = await self._loop.run_in_executor(self._pool, self._compute, batch)
+        self.stats.compute_seconds += time.perf_counter() - t1
+        self.stats.steps += 1
+        for run, choice in zip(batch, choices):
+            step = run.seq.accept(choice)
+            self.stats.tokens += 1
+            if run.out is not None:
+                run.out.put_nowait(step)
+            if step.finish_reason is not None:
+                self._finish(run)
+        self.stats.sync_seconds += t1 - t0
+
+    async def _wait_for_work(self) -> None:
+        """Idle: wait for local news or a neighbour starting a step (its frame arriving)."""
+        waits = [asyncio.ensure_future(self._news.wait())]
+        waits += [asyncio.ensure_future(link.wait_incoming()) for link in self.links.links]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def _apply(self, union: list[dict]) -> None:
+        """The deterministic rule every peer applies to the gathered news (see module doc)."""
+        cancelled = {rid for part in union for rid in part["cancel"]}
+        for origin, part in enumerate(union):
+            for rid, req in part["new"]:
+                self._waiting.append((rid, origin, req))
+        self._waiting = [w for w in self._waiting if w[0] not in cancelled]
+        for run in [r for r in self._running if r.rid in cancelled]:
+            self._finish(run)
+        while self._waiting and len(self._running) < self.max_batch:
+            rid, origin, req = self._waiting.pop(0)
+            out = self._outs.get(rid) if origin == self.rank else None
+            try:
+                seq = Sequence(request_from_wire(req), self.info.tokenizer, self.model.new_cache(), self.model.max_len)
+            except (RingError, TypeError, ValueError, KeyError) as exc:
+                # Every peer refuses the same request the same way; only its origin reports it.
+                if out is not None:
+                    out.put_nowait(exc if isinstance(exc, RingError) else RequestError(f"bad request: {exc}"))
+                continue
+            self._running.append(_Running(rid, origin, seq, out))
+
+    def _finish(self, run: _Running) -> None:
+        self._running.remove(run)
+        if run.out is not None:
+            run.out.put_nowait(_DONE)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._failed = exc
+        self.stats.last_error = str(exc)
+        for q in self._outs.values():
+            q.put_nowait(exc)
+        self._running.clear()
+        self._waiting.clear()
+
+    # -- compute thread ---------------------------------------------------------------------
+    def _compute(self, batch: list[_Running]) -> list:
+        """Forward the batch and choose one token per sequence (runs in the compute thread)."""
+        segments = [Segment(r.seq.cache, r.seq.next_tokens()) for r in batch]
+        logits = self.model.forward(segments)
+        v0 = self.model.vocab_range[0]
+        vocab = self.model.cfg.vocab_size
+        return [choose(logits[i], v0, vocab, r.seq.request.sampling, len(r.seq.ids), r.seq.history, self._gather_sync)
+                for i, r in enumerate(batch)]
+
+    def allreduce_sync(self, x: np.ndarray) -> np.ndarray:
+        """The model's all-reduce, called from the compute thread."""
+        if self.size == 1:
+            return x
+        return asyncio.run_coroutine_threadsafe(self.coll.allreduce(x), self._loop).result()
+
+    def _gather_sync(self, obj: Any) -> list[Any]:
+        if self.size == 1:
+            return [obj]
+        return asyncio.run_coroutine_threadsafe(self._gather_obj(obj), self._loop).result()
+
+    async def _gather_obj(self, obj: Any) -> list[Any]:
+        """All-gather of small msgpack-able objects, in rank order."""
+        if self.size == 1:
+            return [obj]
+        blob = np.frombuffer(msgpack.packb(obj, use_bin_type=True), np.uint8)
+        parts = await self.coll.allgather(blob)
+        return [msgpack.unpackb(np.asarray(p, np.uint8).tobytes(), raw=False, strict_map_key=False) for p in parts]

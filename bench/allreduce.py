@@ -1,0 +1,150 @@
+"""All-reduce latency benchmark: P peers as separate processes on 127.0.0.1.
+
+    python bench/allreduce.py [--peers 2,3,4] [--sizes 576,4096,65536,1048576]
+                              [--wire f32,q8_0] [--loop uvloop,asyncio] [--algo auto]
+                              [--threadsafe]
+
+Prints one JSON line per (loop, P, wire, algorithm, size): median and p99 latency of one
+all-reduce in microseconds, measured on rank 0 over back-to-back calls after a warm-up.
+``--algo exchange,ring`` forces each algorithm (to measure the crossover); ``--threadsafe``
+also times calls made from a worker thread through ``asyncio.run_coroutine_threadsafe``, as
+the model's compute thread does.  The peers pin nothing: with P > cores they oversubscribe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ringllm.ring.collectives import Collectives  # noqa: E402
+from ringllm.ring.handshake import HandshakeInfo  # noqa: E402
+from ringllm.ring.links import open_tcp_ring  # noqa: E402
+
+SECRET = b"bench-secret"
+
+
+def _iters(n: int, scale: float) -> int:
+    base = 3000 if n <= 4096 else 400 if n <= 65536 else 40
+    return max(10, int(base * scale))
+
+
+def _stats(samples: list[float]) -> tuple[float, float]:
+    a = np.sort(np.array(samples)) * 1e6
+    return float(np.median(a)), float(a[min(len(a) - 1, int(np.ceil(0.99 * len(a))) - 1)])
+
+
+async def _peer_main(rank: int, size: int, sock: socket.socket, ports: list[int],
+                     args: argparse.Namespace, out: mp.Queue) -> None:
+    me = HandshakeInfo(ring="bench", rank=rank, size=size, model="m", plan="p")
+    addrs = [("127.0.0.1", p) for p in ports]
+    ring = await open_tcp_ring(rank, addrs, me=me, secret=SECRET, listen_sock=sock,
+                               recv_timeout=60.0)
+    loop = asyncio.get_running_loop()
+    try:
+        for wire in args.wire:
+            for algo in args.algo:
+                small = {"auto": None, "exchange": 1 << 62, "ring": 0}[algo]
+                coll = Collectives(rank, size, ring, wire, small_max_elems=small)
+                for n in args.sizes:
+                    x = np.random.default_rng(rank).standard_normal(n).astype(np.float32)
+                    iters = _iters(n, args.scale)
+                    for _ in range(max(3, iters // 10)):
+                        await coll.allreduce(x)
+                    samples = []
+                    for _ in range(iters):
+                        t0 = time.perf_counter()
+                        await coll.allreduce(x)
+                        samples.append(time.perf_counter() - t0)
+                    med, p99 = _stats(samples)
+                    rec = {"loop": args.loop_name, "P": size, "wire": wire,
+                           "algorithm": coll.algorithm(n), "forced": algo != "auto",
+                           "floats": n, "iters": iters,
+                           "median_us": round(med, 1), "p99_us": round(p99, 1)}
+                    if args.threadsafe and n <= 4096:
+                        rec["threadsafe_median_us"] = round(
+                            await _threadsafe(loop, coll, x, iters), 1)
+                    if rank == 0:
+                        out.put(json.dumps(rec))
+    finally:
+        await ring.shutdown("benchmark done")
+
+
+async def _threadsafe(loop: asyncio.AbstractEventLoop, coll: Collectives, x: np.ndarray,
+                      iters: int) -> float:
+    """Median latency of all-reduces submitted from a worker thread (the model's path)."""
+    samples: list[float] = []
+
+    def worker() -> None:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            asyncio.run_coroutine_threadsafe(coll.allreduce(x), loop).result()
+            samples.append(time.perf_counter() - t0)
+
+    await asyncio.to_thread(worker)
+    return _stats(samples)[0]
+
+
+def _peer_proc(rank: int, size: int, sock: socket.socket, ports: list[int],
+               args: argparse.Namespace, out: mp.Queue) -> None:
+    if args.loop_name == "uvloop":
+        import uvloop
+        uvloop.install()
+    asyncio.run(_peer_main(rank, size, sock, ports, args, out))
+
+
+def run_ring(size: int, args: argparse.Namespace) -> None:
+    socks = []
+    for _ in range(size):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    ctx = mp.get_context("fork")  # children inherit the bound listening sockets
+    out: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_peer_proc, args=(r, size, socks[r], ports, args, out))
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    for s in socks:
+        s.close()
+    expected = len(args.wire) * len(args.algo) * len(args.sizes)
+    for _ in range(expected):
+        print(out.get(timeout=600), flush=True)
+    for p in procs:
+        p.join(timeout=60)
+        if p.exitcode != 0:
+            raise SystemExit(f"peer process exited with {p.exitcode}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    csv = lambda conv: (lambda s: [conv(v) for v in s.split(",")])  # noqa: E731
+    ap.add_argument("--peers", type=csv(int), default=[2, 3, 4])
+    ap.add_argument("--sizes", type=csv(int), default=[576, 4096, 65536, 1048576])
+    ap.add_argument("--wire", type=csv(str), default=["f32", "q8_0"])
+    ap.add_argument("--loop", type=csv(str), default=["uvloop", "asyncio"])
+    ap.add_argument("--algo", type=csv(str), default=["auto"])
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply iteration counts")
+    ap.add_argument("--threadsafe", action="store_true")
+    args = ap.parse_args()
+    for loop_name in args.loop:
+        args.loop_name = loop_name
+        for size in args.peers:
+            run_ring(size, args)
+
+
+if __name__ == "__main__":
+    main()

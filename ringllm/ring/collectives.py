@@ -1,0 +1,477 @@
+"""Masterless collectives over the ring: all-reduce (sum), all-gather, broadcast.
+
+Every peer must call the same collectives in the same order with matching arguments (lockstep).
+Each call takes the next sequence number; every frame carries it (``s``), the op code (``o``)
+and the frame's index on its link within the call (``i``), so a peer that is out of step is a
+:class:`RemoteProtocolError` naming it, never silent corruption.
+
+All-reduce algorithms (chosen by message size, identically on every peer):
+
+* ``exchange`` (small messages, decode): every peer's whole vector travels both ways round the
+  ring: ``P // 2`` hops clockwise (to ``next``) and ``(P - 1) // 2`` hops counter-clockwise, each
+  peer forwarding what it receives, so after ``ceil((P-1)/2)`` hops every peer holds all P
+  vectors and sums them in rank order 0..P-1.
+* ``ring`` (large messages, prefill): reduce-scatter then all-gather around the ring (the
+  vector cut into P segments), each segment sent in chunks so that forwarding chunk k overlaps
+  receiving chunk k+1; per-peer traffic 2(P-1)/P of the message.  Segment j is summed in ring
+  order starting at rank j; its final owner (rank j-1) sends the result's bytes on unchanged.
+
+Both give bit-identical results on every peer.  With ``wire="q8_0"`` vectors travel as GGML
+Q8_0 blocks and every peer, the sender included, uses the dequantized values; the ring
+algorithm requantizes partial sums at each hop (P-1 roundings instead of 1).
+
+Error contract: a collective that raises (PeerLostError, RemoteProtocolError, timeout) or is
+cancelled leaves the ring out of step; the object then refuses every later call with the same
+error.  Re-form the ring and build a new :class:`Collectives`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ringllm.errors import LocalProtocolError, RemoteProtocolError, RingError
+from ringllm.ring.links import Link, RingLinks
+from ringllm.ring.wire import Frame
+
+__all__ = [
+    "CHUNK_ELEMS",
+    "SMALL_MAX_ELEMS",
+    "Collectives",
+    "dequantize_q8_0",
+    "quantize_q8_0",
+    "q8_0_nbytes",
+]
+
+F32 = np.dtype(np.float32)
+QK8_0 = 32
+# GGML block_q8_0: { ggml_half d; int8_t qs[32]; } = 34 bytes, little-endian, no padding.
+Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (QK8_0,))])
+assert Q8_0_BLOCK.itemsize == 34
+
+# Largest all-reduce (in float32 elements) that uses the exchange algorithm, per ring size.
+# Measured with bench/allreduce.py on 127.0.0.1 (see docs/protocol.md, "Crossover"); for P=2
+# the exchange moves the same bytes as the ring in half the hops, so it always wins.
+SMALL_MAX_ELEMS: dict[int, int] = {2: 1 << 62, 3: 1 << 16, 4: 1 << 15}
+SMALL_MAX_DEFAULT = 1 << 14
+# Elements per frame in the ring algorithm (a multiple of the Q8_0 block): 256 KiB of float32.
+CHUNK_ELEMS = 1 << 16
+BCAST_CHUNK_BYTES = 1 << 18
+MAX_BCAST_BYTES = 1 << 36  # refuse to allocate more for a broadcast a peer announces
+
+
+# -- Q8_0 ---------------------------------------------------------------------------------
+def q8_0_nbytes(n: int) -> int:
+    """Bytes of ``n`` values in Q8_0 (the tail block is zero-padded)."""
+    return -(-n // QK8_0) * Q8_0_BLOCK.itemsize
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """Quantize float32 values to GGML Q8_0 blocks, bit-exact with ggml / gguf-py.
+
+    Returns a structured array of ``ceil(n/32)`` blocks (34 bytes each); the tail is padded
+    with zeros.  Same math as ``quantize_row_q8_0_ref``: d = amax/127, q = roundf(x/d).
+    """
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1)
+    n = x.size
+    nb = -(-n // QK8_0)
+    if n % QK8_0:
+        x = np.concatenate([x, np.zeros(nb * QK8_0 - n, F32)])
+    blocks = x.reshape(nb, QK8_0)
+    d = np.abs(blocks).max(axis=1, keepdims=True)
+    d /= F32.type(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, F32.type(0), F32.type(1) / d)
+    v = blocks * inv
+    # roundf (half away from zero) exactly as gguf-py's np_roundf: floor(a) + floor(2*frac)
+    a = np.abs(v)
+    fl = np.floor(a)
+    a -= fl
+    a *= 2
+    np.floor(a, out=a)
+    a += fl
+    a *= np.sign(v)
+    out = np.empty(nb, Q8_0_BLOCK)
+    out["d"] = d[:, 0]
+    out["qs"] = a
+    return out
+
+
+def dequantize_q8_0(buf: Any, n: int) -> np.ndarray:
+    """Dequantize Q8_0 blocks (any bytes-like or block array) to ``n`` float32 values."""
+    blocks = np.frombuffer(buf, Q8_0_BLOCK)
+    if blocks.size * QK8_0 < n:
+        raise ValueError(f"{blocks.size} Q8_0 blocks cannot hold {n} values")
+    y = blocks["qs"].astype(F32)
+    y *= blocks["d"].astype(F32)[:, None]
+    return y.reshape(-1)[:n]
+
+
+# -- payload codecs: (encode: f32 array -> bytes-like, decode: (payload, n) -> f32 array) ------
+def _f32_encode(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _f32_decode(payload: Any, n: int) -> np.ndarray:
+    return np.frombuffer(payload, F32, count=n)
+
+
+_CODECS: dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any, int], np.ndarray],
+                         Callable[[int], int]]] = {
+    "f32": (_f32_encode, _f32_decode, lambda n: 4 * n),
+    "q8_0": (quantize_q8_0, dequantize_q8_0, q8_0_nbytes),
+}
+
+
+def _segments(n: int, parts: int) -> list[tuple[int, int]]:
+    """Cut ``range(n)`` into ``parts`` contiguous pieces with block-aligned inner boundaries."""
+    cuts = [min(n, (n * j // parts) // QK8_0 * QK8_0) for j in range(parts)] + [n]
+    return [(cuts[j], cuts[j + 1]) for j in range(parts)]
+
+
+def _chunks(a: int, b: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(b, s + size)) for s in range(a, b, size)]
+
+
+class Collectives:
+    """Collectives for one peer of a ring of ``size`` (see the module docstring).
+
+    ``wire`` is ``"f32"`` (exact bytes) or ``"q8_0"`` (GGML Q8_0 for all-reduce payloads;
+    all-gather and broadcast are always exact).  ``small_max_elems`` overrides the measured
+    crossover (``0`` forces the ring algorithm, a huge value the exchange).  Calls must not
+    overlap: await one before starting the next.
+    """
+
+    def __init__(self, rank: int, size: int, links: RingLinks, wire: str = "f32", *,
+                 small_max_elems: int | None = None, chunk_elems: int = CHUNK_ELEMS) -> None:
+        if (links.rank, links.size) != (rank, size):
+            raise ValueError(f"links are for rank {links.rank}/{links.size}, not {rank}/{size}")
+        if wire not in _CODECS:
+            raise ValueError(f"wire format must be one of {sorted(_CODECS)}, not {wire!r}")
+        if chunk_elems <= 0 or chunk_elems % QK8_0:
+            raise ValueError(f"chunk_elems must be a positive multiple of {QK8_0}")
+        self.rank, self.size, self.links, self.wire = rank, size, links, wire
+        self.small_max_elems = (SMALL_MAX_ELEMS.get(size, SMALL_MAX_DEFAULT)
+                                if small_max_elems is None else small_max_elems)
+        self.chunk_elems = chunk_elems
+        self.seq = 0
+        self._encode, self._decode, self._nbytes = _CODECS[wire]
+        self._broken: BaseException | None = None
+        self._busy = False
+
+    def algorithm(self, n: int) -> str:
+        """The all-reduce algorithm used for ``n`` elements: ``"exchange"`` or ``"ring"``."""
+        return "exchange" if n <= self.small_max_elems else "ring"
+
+    # -- public ops ---------------------------------------------------------------------------
+    async def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """Element-wise sum of every peer's ``x`` (float32, any shape; same shape everywhere).
+
+        Returns a new float32 array of ``x``'s shape, bit-identical on every peer.  P=1 returns
+        a copy of ``x`` without I/O (and without quantization).
+        """
+        x = np.ascontiguousarray(x, dtype=F32)
+        if self.size == 1:
+            return x.copy()
+        n = x.size
+        if n > self.small_max_elems:
+            return (await self._run(self._allreduce_ring, x.reshape(-1))).reshape(x.shape)
+        # The decode path: ~120 calls per token, so the guard of _run is inlined here.
+        if self._broken is not None or self._busy:
+            self._refuse()
+        self._busy = True
+        self.seq += 1
+        try:
+            out = await self._allreduce_exchange(x, n)
+            if self._must_drain():
+                await self._drain()
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._busy = False
+        return out
+
+    async def allgather(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every peer's array, indexed by rank (exact bytes; shapes/dtypes may differ by rank).
+
+        Object dtypes are refused.  The returned arrays are fresh (or read-only views of received
+        buffers) and never alias ``x``.
+        """
+        x = np.ascontiguousarray(x)
+        if x.dtype.hasobject:
+            raise LocalProtocolError("cannot all-gather an object array")
+        if self.size == 1:
+            return [x.copy()]
+        return await self._run(self._allgather, x)
+
+    async def broadcast(self, x: np.ndarray | None, root: int) -> np.ndarray:
+        """Rank ``root``'s array on every peer (exact bytes).  Other ranks may pass None.
+
+        Returns a new array (a copy at the root).
+        """
+        if not 0 <= root < self.size:
+            raise LocalProtocolError(f"broadcast root {root} out of range for {self.size} peers")
+        if self.rank == root:
+            if x is None:
+                raise LocalProtocolError("the broadcast root must pass an array")
+            x = np.ascontiguousarray(x)
+            if x.dtype.hasobject:
+                raise LocalProtocolError("cannot broadcast an object array")
+            if self.size == 1:
+                return x.copy()
+        return await self._run(self._broadcast, x, root)
+
+    # -- machinery ------------------------------------------------------------------------------
+    def _refuse(self) -> None:
+        if self._broken is not None:
+            raise RingError(f"collectives unusable after an earlier failure: {self._broken!r}")
+        raise LocalProtocolError("collective calls must not overlap")
+
+    def _must_drain(self) -> bool:
+        nxt, prv = self.links.next, self.links.prev
+        return bool((nxt is not None and nxt.paused) or (prv is not None and prv.paused))
+
+    async def _drain(self) -> None:
+        # Only called when a send buffer is above its high-water mark.  Waiting there after our
+        # own receives are complete cannot deadlock: the peer we wait for is still receiving.
+        for link in self.links.links:
+            await link.drain()
+
+    async def _run(self, op: Callable[..., Any], *args: Any) -> Any:
+        if self._broken is not None or self._busy:
+            self._refuse()
+        self._busy = True
+        self.seq += 1
+        try:
+            result = await op(*args)
+            if self._must_drain():
+                await self._drain()
+            return result
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._busy = False
+
+    async def _recv(self, link: Link, op: str, i: int) -> Frame:
+        frame = await link.recv()
+        h = frame.header
+        if frame.kind != "coll" or h["s"] != self.seq or h["o"] != op or h["i"] != i:
+            got = (f"{frame.kind!r} frame" if frame.kind != "coll"
+                   else f"seq {h['s']} op {h['o']!r} frame {h['i']}")
+            raise RemoteProtocolError(f"peer {link.peer} is out of step: got {got}, expected "
+                                      f"seq {self.seq} op {op!r} frame {i}")
+        return frame
+
+    def _check_len(self, link: Link, frame: Frame, h: dict[str, Any], n: int, nbytes: int) -> None:
+        if frame.header.get("n") != h["n"]:
+            raise RemoteProtocolError(f"peer {link.peer} all-reduces {frame.header.get('n')!r} "
+                                      f"elements but we have {h['n']}")
+        if len(frame.payload) != nbytes:
+            raise RemoteProtocolError(f"peer {link.peer} sent {len(frame.payload)} payload bytes "
+                                      f"for {n} elements (expected {nbytes} in {self.wire})")
+
+    def _hops(self) -> tuple[int, int]:
+        """Hops each vector travels clockwise (to next) and counter-clockwise (to prev)."""
+        return self.size // 2, (self.size - 1) // 2
+
+    async def _exchange(self, op: str, header: dict[str, Any], payload: Any,
+                        on_frame: Callable[[int, Link, Frame], None]) -> None:
+        """Pass ``payload`` both ways round the ring, forwarding what arrives; call
+        ``on_frame(origin_rank, link, frame)`` for each of the other P-1 vectors."""
+        nxt, prv = self.links.next, self.links.prev
+        assert nxt is not None and prv is not None
+        cw, ccw = self._hops()
+        r, p = self.rank, self.size
+        hdr = {"s": self.seq, "i": 0, "o": op, **header}
+        nxt.write("coll", hdr, payload)
+        if ccw:
+            prv.write("coll", hdr, payload)
+        for hop in range(1, cw + 1):
+            # Clockwise vectors arrive from prev, in order of distance; counter-clockwise ones
+            # from next.  Interleaving keeps both directions moving.
+            frame = await self._recv(prv, op, hop - 1)
+            on_frame((r - hop) % p, prv, frame)
+            if hop < cw:
+                nxt.write("coll", {**frame.header, "i": hop}, frame.payload)
+            if hop <= ccw:
+                frame = await self._recv(nxt, op, hop - 1)
+                on_frame((r + hop) % p, nxt, frame)
+                if hop < ccw:
+                    prv.write("coll", {**frame.header, "i": hop}, frame.payload)
+
+    async def _allreduce_exchange(self, x: np.ndarray, n: int) -> np.ndarray:
+        # Written out flat rather than via _exchange: this is the latency-critical decode path.
+        nxt, prv = self.links.next, self.links.prev
+        assert nxt is not None and prv is not None
+        r, p, seq = self.rank, self.size, self.seq
+        cw, ccw = p // 2, (p - 1) // 2
+        f32 = self.wire == "f32"
+        decode, nbytes = self._decode, self._nbytes(n)
+        payload = x if f32 else self._encode(x)
+        vals: list[Any] = [None] * p
+        # The sender uses exactly what the others will decode (identity for f32).
+        vals[r] = x.reshape(-1) if f32 else decode(payload, n)
+        hdr = {"s": seq, "i": 0, "o": "ar", "n": n}
+        nxt.write("coll", hdr, payload)
+        if ccw:
+            prv.write("coll", hdr, payload)
+        for hop in range(1, cw + 1):
+            # Clockwise vectors arrive from prev, nearest first; counter-clockwise ones from next.
+            frame = await prv.recv()
+            h = frame.header
+            if (frame.kind != "coll" or h["s"] != seq or h["o"] != "ar" or h["i"] != hop - 1
+                    or h.get("n") != n or len(frame.payload) != nbytes):
+                self._mismatch(prv, frame, "ar", hop - 1, n, nbytes)
+            vals[(r - hop) % p] = decode(frame.payload, n)
+            if hop < cw:
+                hdr["i"] = hop
+                nxt.write("coll", hdr, frame.payload)
+            if hop <= ccw:
+                frame = await nxt.recv()
+                h = frame.header
+                if (frame.kind != "coll" or h["s"] != seq or h["o"] != "ar"
+                        or h["i"] != hop - 1 or h.get("n") != n or len(frame.payload) != nbytes):
+                    self._mismatch(nxt, frame, "ar", hop - 1, n, nbytes)
+                vals[(r + hop) % p] = decode(frame.payload, n)
+                if hop < ccw:
+                    hdr["i"] = hop
+                    prv.write("coll", hdr, frame.payload)
+        acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1
+        for v in vals[2:]:
+            acc += v
+        return acc.reshape(x.shape)
+
+    def _mismatch(self, link: Link, frame: Frame, op: str, i: int, n: int, nbytes: int) -> None:
+        """Raise the precise RemoteProtocolError for a frame that is not the expected one."""
+        h = frame.header
+        if frame.kind != "coll" or h["s"] != self.seq or h["o"] != op or h["i"] != i:
+            got = (f"{frame.kind!r} frame" if frame.kind != "coll"
+                   else f"seq {h['s']} op {h['o']!r} frame {h['i']}")
+            raise RemoteProtocolError(f"peer {link.peer} is out of step: got {got}, expected "
+                                      f"seq {self.seq} op {op!r} frame {i}")
+        if h.get("n") != n:
+            raise RemoteProtocolError(f"peer {link.peer} all-reduces {h.get('n')!r} elements "
+                                      f"but we have {n}")
+        raise RemoteProtocolError(f"peer {link.peer} sent {len(frame.payload)} payload bytes "
+                                  f"(expected {nbytes} in {self.wire})")
+
+    async def _allreduce_ring(self, x: np.ndarray) -> np.ndarray:
+        nxt, prv = self.links.next, self.links.prev
+        assert nxt is not None and prv is not None
+        p, r, n = self.size, self.rank, x.size
+        encode, decode, nbytes = self._encode, self._decode, self._nbytes
+        segs = _segments(n, p)
+        chunks = [_chunks(a, b, self.chunk_elems) for a, b in segs]
+        out = np.empty(n, F32)
+        hdr: dict[str, Any] = {"s": self.seq, "o": "rr", "n": n}
+        sent = 0
+
+        def send(payload: Any) -> None:
+            nonlocal sent
+            hdr["i"] = sent
+            nxt.write("coll", hdr, payload)
+            sent += 1
+
+        got = 0
+
+        async def recv(a: int, b: int) -> Frame:
+            nonlocal got
+            frame = await self._recv(prv, "rr", got)
+            got += 1
+            self._check_len(prv, frame, hdr, b - a, nbytes(b - a))
+            return frame
+
+        # Reduce-scatter: step s, we receive segment (r-1-s) and add ours; the last step leaves
+        # us owning segment r+1, which starts its all-gather journey at once (pipelining).
+        for a, b in chunks[r]:
+            send(encode(x[a:b]))
+        for s in range(p - 1):
+            for a, b in chunks[(r - 1 - s) % p]:
+                frame = await recv(a, b)
+                acc = decode(frame.payload, b - a) + x[a:b]
+                payload = encode(acc)
+                if s == p - 2:
+                    out[a:b] = acc if self.wire == "f32" else decode(payload, b - a)
+                send(payload)
+        # All-gather: step t, we receive segment (r-t) from its owner's side and pass it on.
+        for t in range(p - 1):
+            for a, b in chunks[(r - t) % p]:
+                frame = await recv(a, b)
+                out[a:b] = decode(frame.payload, b - a)
+                if t < p - 2:
+                    send(frame.payload)
+        return out
+
+    async def _allgather(self, x: np.ndarray) -> list[np.ndarray]:
+        parts: list[np.ndarray | None] = [None] * self.size
+        parts[self.rank] = x.copy()
+
+        def on_frame(origin: int, link: Link, frame: Frame) -> None:
+            parts[origin] = _array_from(link, frame)
+
+        await self._exchange("ag", {"dt": x.dtype.str, "sh": list(x.shape)},
+                             x.reshape(-1).view(np.uint8), on_frame)
+        return parts  # type: ignore[return-value]
+
+    async def _broadcast(self, x: np.ndarray | None, root: int) -> np.ndarray:
+        nxt, prv = self.links.next, self.links.prev
+        assert nxt is not None and prv is not None
+        cw, ccw = self._hops()
+        dist = (self.rank - root) % self.size
+        if x is not None and self.rank == root:
+            raw = memoryview(x.reshape(-1).view(np.uint8)) if x.size else memoryview(b"")
+            nchunks = max(1, -(-len(raw) // BCAST_CHUNK_BYTES))
+            for i in range(nchunks):
+                piece = raw[i * BCAST_CHUNK_BYTES:(i + 1) * BCAST_CHUNK_BYTES]
+                hdr = {"s": self.seq, "i": i, "o": "bc", "dt": x.dtype.str, "sh": list(x.shape),
+                       "nb": len(raw)}
+                nxt.write("coll", hdr, piece)
+                if ccw:
+                    prv.write("coll", hdr, piece)
+            return x.copy()
+        # Clockwise receivers hear from prev and pass to next; counter-clockwise ones mirror it.
+        if dist <= cw:
+            src, dst, forward = prv, nxt, dist < cw
+        else:
+            src, dst, forward = nxt, prv, self.size - dist < ccw
+        first = await self._recv(src, "bc", 0)
+        h = first.header
+        nb = h.get("nb")
+        if not isinstance(nb, int) or not 0 <= nb <= MAX_BCAST_BYTES:
+            raise RemoteProtocolError(f"peer {src.peer} sent a bad broadcast size {nb!r}")
+        buf = bytearray(nb)
+        pos, i, frame = 0, 0, first
+        while True:
+            if frame.header != {**h, "i": i} or len(frame.payload) > nb - pos or (
+                    len(frame.payload) == 0 and nb):
+                raise RemoteProtocolError(f"peer {src.peer} sent an inconsistent broadcast frame")
+            buf[pos:pos + len(frame.payload)] = frame.payload
+            pos += len(frame.payload)
+            if forward:
+                dst.write("coll", frame.header, frame.payload)
+            i += 1
+            if pos == nb:
+                break
+            frame = await self._recv(src, "bc", i)
+        return _array_from(src, Frame("coll", h, memoryview(buf)))
+
+
+def _array_from(link: Link, frame: Frame) -> np.ndarray:
+    """Rebuild an array from a frame carrying ``dt`` (dtype.str) and ``sh`` (shape)."""
+    h = frame.header
+    try:
+        dtype = np.dtype(h["dt"])
+        shape = tuple(h["sh"])
+        if dtype.hasobject or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError("bad dtype or shape")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * dtype.itemsize != len(frame.payload):
+            raise ValueError(f"{len(frame.payload)} bytes for {count} x {dtype}")
+        arr = np.frombuffer(frame.payload, dtype, count=count)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"peer {link.peer} sent a malformed array: {exc}") from exc
+    return arr.reshape(shape)

@@ -77,6 +77,8 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=F32).reshape(-1)
     n = x.size
     nb = -(-n // QK8_0)
+    if nb == 0:
+        return np.empty(0, Q8_0_BLOCK)
     if n % QK8_0:
         x = np.concatenate([x, np.zeros(nb * QK8_0 - n, F32)])
     blocks = x.reshape(nb, QK8_0)
@@ -172,7 +174,7 @@ class Collectives:
         Returns a new float32 array of ``x``'s shape, bit-identical on every peer.  P=1 returns
         a copy of ``x`` without I/O (and without quantization).
         """
-        x = np.ascontiguousarray(x, dtype=F32)
+        x = _contiguous(x, F32)
         if self.size == 1:
             return x.copy()
         n = x.size
@@ -200,7 +202,7 @@ class Collectives:
         Object dtypes are refused.  The returned arrays are fresh (or read-only views of received
         buffers) and never alias ``x``.
         """
-        x = np.ascontiguousarray(x)
+        x = _contiguous(x)
         if x.dtype.hasobject:
             raise LocalProtocolError("cannot all-gather an object array")
         if self.size == 1:
@@ -217,7 +219,7 @@ class Collectives:
         if self.rank == root:
             if x is None:
                 raise LocalProtocolError("the broadcast root must pass an array")
-            x = np.ascontiguousarray(x)
+            x = _contiguous(x)
             if x.dtype.hasobject:
                 raise LocalProtocolError("cannot broadcast an object array")
             if self.size == 1:
@@ -458,6 +460,12 @@ class Collectives:
                 break
             frame = await self._recv(src, "bc", i)
         return _array_from(src, Frame("coll", h, memoryview(buf)))
+
+
+def _contiguous(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+    """``x`` as a C-contiguous array (of ``dtype``), keeping its shape (0-d included)."""
+    x = np.asarray(x, dtype=dtype)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
 def _array_from(link: Link, frame: Frame) -> np.ndarray:

@@ -105,10 +105,15 @@ def _as_bytes_view(payload: Any) -> memoryview:
     The cast matters: ``len()`` of a float32 memoryview counts elements, and transports slice
     by ``len`` after a partial send.
     """
-    view = memoryview(payload)
+    try:
+        view = memoryview(payload)
+    except TypeError as exc:
+        raise LocalProtocolError(f"frame payload is not a buffer: {exc}") from exc
     if view.format != "B" or view.ndim != 1:
         if not view.c_contiguous:
             raise LocalProtocolError("frame payload must be C-contiguous")
+        if view.nbytes == 0:
+            return memoryview(b"")  # cast() refuses shapes with zeros
         view = view.cast("B")
     return view
 

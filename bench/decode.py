@@ -18,6 +18,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 TEXT = ("The history of the ring network begins with the token ring, a local area network in which each "
         "station passes a small frame to its neighbour; the frame circulates until a station claims it. ")
@@ -41,7 +44,7 @@ def worker(model_spec: str, threads: int, repeats: int) -> dict:
     runtime.set_threads(threads)
     info, mf = runtime.open_model(model_spec)
     model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
-    del mf
+    mf.close()
     ids = info.tokenizer.encode(TEXT * 8, parse_special=False)
     p128, p64 = np.array(ids[:128]), np.array(ids[:64])
     model.forward([Segment(model.new_cache(), p64[:8])])  # warm-up: buffers, pools

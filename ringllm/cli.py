@@ -71,7 +71,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     request = build_request(args, ids)
     request.check_fits(info.config.context_length)
     model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
-    del mf
+    mf.close()
     engine = LocalEngine(model, info.tokenizer)
     return print_completion(args, collect(engine.generate(request), ids, on_text=None if args.json else _stream))
 

@@ -48,7 +48,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1) -> None:
     info, mf = await asyncio.to_thread(runtime.open_model, str(path))
     plan = runtime.make_plan(info, cfg.weights)
     model = await asyncio.to_thread(runtime.load_model, mf, plan, rank, max_len=cfg.context_length)
-    del mf
+    mf.close()
     sh = plan[rank]
     log.info("rank %d: loaded shard in %.1f s: kv heads %s, ffn %s, vocab %s, %.1f MB of weights", rank,
              time.perf_counter() - t0, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)

@@ -1,7 +1,7 @@
 """Open a GGUF file: validate it, read its hyperparameters, and expose tensors as raw byte views.
 
-Nothing here copies weights: tensors are zero-copy views into the ``gguf`` package's memory
-map, as (rows, row_bytes) uint8 arrays in the file's own block layout. The shard loader copies
+Nothing here copies weights: tensors are zero-copy views into a read-only memory map
+(:mod:`ringllm.gguf_parse`), as (rows, row_bytes) uint8 arrays in the file's own block layout. The shard loader copies
 the slices a peer owns and then drops this object so the map (and the pages it touched) go.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,8 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ringllm.errors import ModelError, UnsupportedError
+from ringllm.gguf_parse import GGUFFile
 
-GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 
@@ -69,17 +68,25 @@ class ModelFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         _check_header(self.path)
-        from gguf import GGUFReader  # imported lazily: it is slow to import
-
-        try:
-            reader = GGUFReader(self.path, "r")
-        except (ValueError, IndexError, struct.error, OSError) as exc:
-            raise ModelError(f"{self.path}: cannot parse GGUF structure ({exc}); the file may be truncated or corrupt") from None
-        self.metadata: dict[str, Any] = _read_metadata(reader)
-        self.tensors: dict[str, TensorInfo] = _read_tensors(self.path, reader)
+        self._file = GGUFFile(self.path)
+        self.metadata: dict[str, Any] = self._file.metadata
+        self.tensors: dict[str, TensorInfo] = _read_tensors(self._file)
         self.config = _read_config(self.path, self.metadata, tied="output.weight" not in self.tensors)
         self.fingerprint = _fingerprint(self.metadata, self.tensors)
         self._check_tensors()
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor that has been copied from our resident memory."""
+        self._file.release(self._file.tensors[name])
+
+    def drop_vocabulary(self) -> None:
+        """Forget the large vocabulary arrays in ``metadata`` once the tokenizer is built."""
+        for key in [k for k, v in self.metadata.items() if isinstance(v, list) and len(v) > 1024]:
+            del self.metadata[key]
+
+    def close(self) -> None:
+        self.tensors.clear()
+        self._file.close()
 
     def tensor(self, name: str) -> TensorInfo:
         try:
@@ -108,34 +115,16 @@ class ModelFile:
 
 
 def _check_header(path: Path) -> None:
+    """OS-level problems with the path, as one-line errors (GGUFFile checks the contents)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
+        with open(path, "rb"):
+            pass
     except FileNotFoundError:
         raise ModelError(f"model file {path} does not exist") from None
     except IsADirectoryError:
         raise ModelError(f"model path {path} is a directory, not a GGUF file") from None
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror}") from None
-    if head[:4] != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
-    if len(head) < 8:
-        raise ModelError(f"{path} is truncated ({len(head)} bytes)")
-    version = struct.unpack("<I", head[4:8])[0]
-    if version not in (2, 3):
-        raise ModelError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-
-
-def _read_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception as exc:  # a malformed field: name it
-            raise ModelError(f"GGUF metadata field {key!r} is malformed: {exc}") from None
-    return meta
 
 
 def _read_config(path: Path, meta: Mapping[str, Any], *, tied: bool) -> ModelConfig:
@@ -177,26 +166,12 @@ def _read_config(path: Path, meta: Mapping[str, Any], *, tied: bool) -> ModelCon
     )
 
 
-def _read_tensors(path: Path, reader: Any) -> dict[str, TensorInfo]:
-    from gguf import GGML_QUANT_SIZES
-
-    size = path.stat().st_size
+def _read_tensors(f: GGUFFile) -> dict[str, TensorInfo]:
     out: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        shape = [int(n) for n in t.shape]  # ne order: ne[0] is the contiguous dimension
-        cols = shape[0]
-        rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        block, type_size = GGML_QUANT_SIZES.get(t.tensor_type, (None, None))
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelError(
-                f"{path.name} is truncated: tensor {t.name!r} ends at byte {end} but the file has {size} bytes"
-            )
-        if block is None or cols % block:
-            raise UnsupportedError(f"{path.name}: tensor {t.name!r} has type {t.tensor_type!r} with unsupported layout")
-        row_bytes = cols // block * type_size
-        raw = np.asarray(t.data).view(np.uint8).reshape(rows, row_bytes)
-        out[t.name] = TensorInfo(t.name, t.tensor_type, rows, cols, raw)
+    for name, t in f.tensors.items():
+        cols = t.shape[0]
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        out[name] = TensorInfo(name, t.qtype, rows, cols, f.data(t).reshape(rows, t.nbytes // rows))
     return out
 
 

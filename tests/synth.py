@@ -76,7 +76,12 @@ def write_tiny_model(path: Path, *, n_layers: int = 2, dim: int = 64, n_heads: i
         if qt == Q.F32:
             w.add_tensor(name, data)
         else:
-            w.add_tensor(name, gguf.quants.quantize(data, qt), raw_dtype=qt)
+            try:
+                raw = gguf.quants.quantize(data, qt)
+            except NotImplementedError:  # a type gguf cannot write (e.g. IQ*): random bytes
+                block, size = gguf.GGML_QUANT_SIZES[qt]
+                raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=qt)
 
     def vec(name: str, n: int) -> None:
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))

@@ -159,6 +159,8 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
             gate_up=Projection([(t("ffn_gate"), (f0, f1)), (t("ffn_up"), (f0, f1))]),
             down=RowParallel.load(t("ffn_down"), f0, f1),
         ))
+        for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+            model.release(f"blk.{i}.{part}.weight")  # copied: keep peak RSS near the shard's size
     embd_info = model.tensor("token_embd.weight")
     embed = QuantMatrix.from_raw(embd_info.qtype, np.ascontiguousarray(embd_info.raw[v0:v1]), v1 - v0, embd_info.cols)
     if c.tied_embeddings:
@@ -166,6 +168,9 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
     else:
         out_info = model.tensor("output.weight")
         output = QuantMatrix.from_raw(out_info.qtype, np.ascontiguousarray(out_info.raw[v0:v1]), v1 - v0, out_info.cols)
+    for name in ("token_embd.weight", "output.weight"):
+        if model.has(name):
+            model.release(name)
     return ShardWeights(c, shard, layers, embed, output, vec("output_norm.weight"))
 
 

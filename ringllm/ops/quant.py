@@ -1,0 +1,588 @@
+"""Quantized weight matrices and their matvec / matmul kernels, in pure numpy.
+
+A :class:`QuantMatrix` holds ``W`` (rows, cols) for ``y = W @ x``. Every quantized type is
+reduced, once at load, to integer codes ``c`` plus per-group float32 scales::
+
+    w[r, g*gs + j] = d[r, g] * c[r, g, j] + m[r, g]        (gs = 32, or 16 for Q6_K)
+
+K-quant sub-block scales are folded into ``d``/``m`` the way ``gguf.quants`` computes them
+(``d*sc``, ``-dmin*min``). Q4_0/Q5_0 keep unsigned codes with ``m = -8d`` / ``-16d``; Q8_0 and
+Q6_K keep signed int8 codes (``q-32`` for Q6_K) and no ``m``.
+
+Repacked layout (the bytes)
+---------------------------
+Rows are cut into ``nt`` tiles of ``T`` rows (the last one zero-padded), and each tile into
+``per`` row slots of ``Tp = T/per`` rows. One storage word holds ``per`` codes, the code for
+slot ``k`` in bits ``[k*b, (k+1)*b)``:
+
+===========================  =====  ======  ===  ====================================
+type                         word   b       per  bits/weight kept (+ scales)
+===========================  =====  ======  ===  ====================================
+Q4_0 Q4_1 Q4_K               u8     4       2    4
+Q5_0 Q5_1 Q5_K               u16    5       3    5.33
+Q8_0 Q6_K                    i8     8       1    8
+===========================  =====  ======  ===  ====================================
+
+``words[i]`` is the tile ``i`` as a C array of shape ``(G, gs, Tp)``: word ``[g, j, t]`` packs
+``c[row = i*T + k*Tp + t, col = g*gs + j]`` for ``k = 0..per-1``. ``scales[i]`` is f32
+``(nd*G, T)``: rows ``[0, G)`` are ``d'``, rows ``[G, 2G)`` are ``m`` (only when the type has
+one), columns are the tile's rows in order.
+
+Why: numpy can only multiply float32 fast (BLAS), so each weight must become one float32 in a
+cache-sized buffer, and that store is the cost to minimise (~0.15 ns/weight here, about what
+a memcpy costs). With this layout a single ufunc call per tile, ``bitwise_and(words, masks)``
+with ``masks[k] = (2**b - 1) << (k*b)`` broadcast over slots and a float32 ``out``, decodes a
+whole tile: it writes ``c * 2**(k*b)``, exact in float32, into a ``(per, G, gs, Tp)`` buffer,
+and the power of two is folded into ``d' = d * 2**-(k*b)`` (exact, so ``d'*c'`` rounds exactly
+like ``d*c``). No shift pass, no interleave, no int8 copy of 4-bit weights. Then
+
+* matvec: one batched BLAS call ``x(G,1,gs) @ buf(per,G,gs,Tp)`` gives the per-group partial
+  dots ``P(G, T)``, and one ``einsum('gt,gt->t', scales[i], [P; S])`` with ``S[g] = sum_j
+  x[g,j]`` applies ``d'`` and ``m``. Three numpy calls per tile, buffers preallocated per thread.
+* matmul (prefill): the same decode writes straight into a ``(K, T)`` float32 tile (the
+  ``Tp``-long slot runs stay contiguous), one broadcast multiply applies ``d'``, one sgemm
+  ``X @ W`` and a small ``(X summed per group) @ m`` finish it.
+
+Tiles hold ~``_TILE_WEIGHTS`` weights so per-call overhead stays small; their rows are fixed at
+load, so the result of a row never depends on the thread count (threads take whole tiles).
+Float types (F32/F16/BF16) keep their own bytes; F16/BF16 are widened per tile with integer
+bit operations (numpy's float16 cast runs at ~0.3 G/s, far too slow).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ringllm.errors import ModelError, UnsupportedError
+
+QT = GGMLQuantizationType
+_F32 = np.float32
+
+# Weights per tile: the float32 decode buffer is 4x this many bytes per thread. Measured on
+# the 2-core EPYC (L2 1 MB): 0.5-1 M weights per tile are equally fast; smaller tiles lose to
+# per-call overhead (~3 numpy calls of 2-5 us each per tile).
+_TILE_WEIGHTS = 3 << 18
+# Matrices at least this big get >= 2 tiles (an even count) so two threads can share them.
+_SPLIT_WEIGHTS = 1 << 17
+# matmul with fewer rows of x than this decodes tiles once and runs the matvec scheme on
+# all rows at once; from here on, dequantize and use sgemm (crossover measured at n=16-24).
+_GEMM_MIN_N = 16
+# Prefill dequantizes this many weights at a time: the chunk stays in L2 for the sgemm.
+_GEMM_CHUNK_WEIGHTS = 3 << 16
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class _Codec:
+    """How one GGUF quantized type is turned into codes and scales."""
+
+    bits: int  # code width in the repacked word
+    per: int  # codes per word (= row slots per tile)
+    word: type  # numpy dtype of a repacked word
+    gs: int  # values per scale group
+    has_m: bool  # scales carry an m row block
+    offset: int  # value = d * (c - offset) exactly as gguf computes it (0: d*c [+ m])
+    unpack: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(..., 2) uint8 little-endian half floats -> float32 (...)."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(_F32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes -> (..., 32) codes: the 16 low nibbles, then the 16 high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _qh_bits(qh: np.ndarray) -> np.ndarray:
+    """(..., 4) bytes of a little-endian uint32 -> (..., 32) bits, bit j first."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _blocks(raw: np.ndarray, qtype: QT) -> np.ndarray:
+    """(r, row_bytes) -> (r, nblocks, type_size)."""
+    return raw.reshape(raw.shape[0], -1, GGML_QUANT_SIZES[qtype][1])
+
+
+def _unpack_q4_0(raw, cols):
+    b = _blocks(raw, QT.Q4_0)
+    d = _f16(b[..., 0:2])
+    return _nibbles(b[..., 2:18]).reshape(len(b), cols), d, -8 * d
+
+
+def _unpack_q4_1(raw, cols):
+    b = _blocks(raw, QT.Q4_1)
+    return _nibbles(b[..., 4:20]).reshape(len(b), cols), _f16(b[..., 0:2]), _f16(b[..., 2:4])
+
+
+def _unpack_q5_0(raw, cols):
+    b = _blocks(raw, QT.Q5_0)
+    d = _f16(b[..., 0:2])
+    c = _nibbles(b[..., 6:22]) | (_qh_bits(b[..., 2:6]) << 4)
+    return c.reshape(len(b), cols), d, -16 * d
+
+
+def _unpack_q5_1(raw, cols):
+    b = _blocks(raw, QT.Q5_1)
+    c = _nibbles(b[..., 8:24]) | (_qh_bits(b[..., 4:8]) << 4)
+    return c.reshape(len(b), cols), _f16(b[..., 0:2]), _f16(b[..., 2:4])
+
+
+def _unpack_q8_0(raw, cols):
+    b = _blocks(raw, QT.Q8_0)
+    return b[..., 2:34].view(np.int8).reshape(len(b), cols), _f16(b[..., 0:2]), None
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12 packed bytes -> 8 six-bit scales and 8 six-bit mins.
+
+    bytes 0-3: scale j (low 6 bits) | top 2 bits of scale j+4; bytes 4-7: same for mins;
+    bytes 8-11: low nibble = low 4 bits of scale j+4, high nibble = low 4 bits of min j+4.
+    """
+    a, m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (hi & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (hi >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(_F32), mn.astype(_F32)
+
+
+def _k_common(b: np.ndarray):
+    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+    sc, mn = _k_scales(b[..., 4:16])
+    # 128 bytes of nibbles: 4 chunks of 32 bytes; sub-block 2i = low nibbles of chunk i,
+    # sub-block 2i+1 = high nibbles.
+    qs = b[..., -128:].reshape(*b.shape[:2], 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    return (qs & 0x0F).reshape(*b.shape[:2], 256), d * sc, -(dmin * mn)
+
+
+def _unpack_q4_k(raw, cols):
+    b = _blocks(raw, QT.Q4_K)
+    c, d, m = _k_common(b)
+    r = len(b)
+    return c.reshape(r, cols), d.reshape(r, -1), m.reshape(r, -1)
+
+
+def _unpack_q5_k(raw, cols):
+    b = _blocks(raw, QT.Q5_K)
+    c, d, m = _k_common(b)
+    # qh: 32 bytes; bit s of byte l is the 5th bit of value l of sub-block s.
+    qh = b[..., 16:48, None] >> np.arange(8, dtype=np.uint8)  # (r, nb, 32 l, 8 s)
+    c = c | ((qh & 1).swapaxes(-1, -2).reshape(c.shape) << 4)
+    r = len(b)
+    return c.reshape(r, cols), d.reshape(r, -1), m.reshape(r, -1)
+
+
+def _unpack_q6_k(raw, cols):
+    b = _blocks(raw, QT.Q6_K)
+    r, nb = b.shape[:2]
+    # ql: 128 bytes = 2 halves of 64; value (half a, nibble h, l<64) = a*128 + h*64 + l.
+    ql = b[..., 0:128].reshape(r, nb, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]
+    # qh: 64 bytes = 2 halves of 32; value (half a, 2-bit field s, l<32) = a*128 + s*32 + l.
+    qh = b[..., 128:192].reshape(r, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    q = (ql & 0x0F).reshape(r, nb, 256) | ((qh & 0x03).reshape(r, nb, 256) << 4)
+    c = (q.astype(np.int8) - np.int8(32)).reshape(r, cols)
+    d = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(_F32)
+    return c, d.reshape(r, -1), None
+
+
+_CODECS: dict[QT, _Codec] = {
+    QT.Q4_0: _Codec(4, 2, np.uint8, 32, True, 8, _unpack_q4_0),
+    QT.Q4_1: _Codec(4, 2, np.uint8, 32, True, 0, _unpack_q4_1),
+    QT.Q5_0: _Codec(5, 3, np.uint16, 32, True, 16, _unpack_q5_0),
+    QT.Q5_1: _Codec(5, 3, np.uint16, 32, True, 0, _unpack_q5_1),
+    QT.Q8_0: _Codec(8, 1, np.int8, 32, False, 0, _unpack_q8_0),
+    QT.Q4_K: _Codec(4, 2, np.uint8, 32, True, 0, _unpack_q4_k),
+    QT.Q5_K: _Codec(5, 3, np.uint16, 32, True, 0, _unpack_q5_k),
+    QT.Q6_K: _Codec(8, 1, np.int8, 16, False, 0, _unpack_q6_k),
+}
+_FLOATS = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}
+
+SUPPORTED: frozenset[GGMLQuantizationType] = frozenset(_CODECS) | frozenset(_FLOATS)
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    """Values per block (1 for float types)."""
+    _check_supported(qtype)
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(qtype: GGMLQuantizationType, cols: int) -> int:
+    """Bytes of one row of ``cols`` values in the GGUF layout."""
+    _check_supported(qtype)
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    if cols <= 0 or cols % bs:
+        raise ModelError(f"{qtype.name} row of {cols} values is not a positive multiple of {bs}")
+    return cols // bs * ts
+
+
+def _check_supported(qtype) -> None:
+    if qtype not in SUPPORTED:
+        name = getattr(qtype, "name", str(qtype))
+        raise UnsupportedError(f"tensor type {name} is not supported (have: "
+                               f"{', '.join(sorted(t.name for t in SUPPORTED))})")
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+_pool: ThreadPoolExecutor | None = None
+_nthreads = 1
+_local = threading.local()
+
+
+def set_threads(n: int) -> None:
+    """Run kernels on ``n`` threads: the caller plus ``n - 1`` pool workers taking whole tiles.
+
+    Results do not depend on ``n``. BLAS must be single-threaded (the caller pins it with
+    threadpoolctl); numpy releases the GIL inside the heavy calls.
+    """
+    global _pool, _nthreads
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    old = _pool
+    _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ringllm-kernel") if n > 1 else None
+    _nthreads = n
+    if old is not None:
+        old.shutdown(wait=True)
+
+
+def _run_tiles(nt: int, work: Callable[[int, int], None]) -> None:
+    """Call work(lo, hi) on contiguous tile ranges, one per thread (the caller takes the first)."""
+    pool, n = _pool, min(_nthreads, nt)
+    if pool is None or n <= 1:
+        work(0, nt)
+        return
+    cuts = [nt * k // n for k in range(n + 1)]
+    futs = [pool.submit(work, cuts[k], cuts[k + 1]) for k in range(1, n)]
+    try:
+        work(cuts[0], cuts[1])
+    finally:
+        for f in futs:
+            f.result()
+
+
+def _scratch(name: str, n: int, dtype=_F32) -> np.ndarray:
+    """A per-thread, 64-byte aligned flat work array of >= n items (grown, never shrunk)."""
+    store = getattr(_local, "s", None)
+    if store is None:
+        store = _local.s = {}
+    a = store.get(name)
+    if a is None or a.size < n or a.dtype != dtype:
+        itemsize = np.dtype(dtype).itemsize
+        raw = np.empty(n * itemsize + 64, np.uint8)
+        off = -raw.ctypes.data % 64
+        a = store[name] = raw[off:off + n * itemsize].view(dtype)
+    return a[:n]
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+def _tiling(rows: int, cols: int, align: int) -> tuple[int, int]:
+    """(rows per tile, tile count): ~_TILE_WEIGHTS per tile, tiles a multiple of ``align``
+    rows, and for a big enough matrix a tile count divisible by the current thread count."""
+    nt = max(1, -(-rows * cols // _TILE_WEIGHTS))
+    if rows * cols >= _SPLIT_WEIGHTS:
+        nt = -(-nt // _nthreads) * _nthreads
+    t = -(-rows // nt)
+    t = -(-t // align) * align
+    return t, -(-rows // t)
+
+
+class QuantMatrix:
+    """A weight matrix W of shape (rows, cols) kept quantized in memory. y = W @ x.
+
+    Rows are grouped into tiles fixed at load (sized for the thread count set then); threads
+    take whole tiles, so results are bit-identical whatever ``set_threads`` says later.
+    """
+
+    qtype: GGMLQuantizationType
+    rows: int
+    cols: int
+
+    def __init__(self, qtype, rows, cols, tile, words, d=None, m=None):
+        self.qtype, self.rows, self.cols = qtype, rows, cols
+        self._T = tile
+        self._nt = len(words)
+        self._words = words  # per tile: codes (K*Tp,) words, or (T, K) float rows
+        self._d = d  # (nt, per, G, Tp) float32 d * 2**-(slot*bits); None for float types
+        self._m = m  # (nt, per, G, Tp) float32, or None
+        c = self._codec = _CODECS.get(qtype)
+        if c is not None:
+            self._G = cols // c.gs
+            self._Tp = tile // c.per
+            self._masks = (((1 << c.bits) - 1) << (c.bits * np.arange(c.per))).astype(c.word)
+            self._masks = self._masks[:, None, None]
+
+    # -- construction
+
+    @classmethod
+    def from_raw(cls, qtype, raw: np.ndarray, rows: int, cols: int) -> "QuantMatrix":
+        """raw: uint8 (rows, row_bytes) exactly as stored in the GGUF file (may be a read-only
+        memmap view, rows or block-aligned columns sliced). The result holds no reference to
+        ``raw``. Raises UnsupportedError for a type not in SUPPORTED, ModelError if raw has the
+        wrong dtype or shape.
+        """
+        _check_supported(qtype)
+        qtype = QT(qtype)
+        rb = row_bytes(qtype, cols)
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != (rows, rb):
+            got = (f"{raw.dtype} {raw.shape}" if isinstance(raw, np.ndarray)
+                   else type(raw).__name__)
+            raise ModelError(f"{qtype.name} {rows}x{cols} needs uint8 raw of shape "
+                             f"({rows}, {rb}), got {got}")
+        if rows <= 0:
+            raise ModelError(f"{qtype.name} matrix needs at least one row, got {rows}")
+        if qtype in _FLOATS:
+            return cls._from_float(qtype, raw, rows, cols)
+        c = _CODECS[qtype]
+        G = cols // c.gs
+        T, nt = _tiling(rows, cols, 16 * c.per)
+        Tp = T // c.per
+        words = np.empty((nt, cols * Tp), c.word)
+        d = np.zeros((nt, T, G), _F32)  # filled row-major, transposed below
+        m = np.zeros((nt, T, G), _F32) if c.has_m else None
+        for i in range(nt):  # tile by tile: transient memory stays ~one tile
+            r0, r1 = i * T, min(rows, (i + 1) * T)
+            codes, di, mi = c.unpack(np.asarray(raw[r0:r1]), cols)
+            cp = np.zeros((T, cols), codes.dtype)
+            cp[: r1 - r0] = codes
+            cp = cp.reshape(c.per, Tp, cols).transpose(2, 0, 1)  # (K, per, Tp)
+            if c.per == 1:
+                w = cp[:, 0, :]
+            else:
+                w = np.zeros((cols, Tp), c.word)
+                for k in range(c.per):
+                    w |= cp[:, k, :].astype(c.word) << c.word(c.bits * k)
+            words[i] = w.reshape(-1)
+            d[i, : r1 - r0] = di
+            if m is not None:
+                m[i, : r1 - r0] = mi
+
+        def slots(a):  # (nt, T, G) -> (nt, per, G, Tp), contiguous
+            return np.ascontiguousarray(a.reshape(nt, c.per, Tp, G).transpose(0, 1, 3, 2))
+
+        d = slots(d)
+        d *= (2.0 ** (-c.bits * np.arange(c.per))).astype(_F32)[:, None, None]  # exact
+        return cls(qtype, rows, cols, T, words, d, None if m is None else slots(m))
+
+    @classmethod
+    def _from_float(cls, qtype, raw, rows, cols):
+        T, nt = _tiling(rows, cols, 16)
+        dt = _FLOATS[qtype]
+        w = np.zeros((nt * T, cols), dt)
+        w[:rows] = np.asarray(raw).view(dt)
+        if qtype == QT.F16 and np.any((w & 0x7C00) == 0x7C00):
+            raise ModelError("F16 matrix holds Inf/NaN weights")
+        return cls(qtype, rows, cols, T, w.reshape(nt, T, cols))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the matrix (work buffers are per thread and not counted)."""
+        return sum(a.nbytes for a in (self._words, self._d, self._m) if a is not None)
+
+    def __repr__(self) -> str:
+        return (f"QuantMatrix({self.qtype.name}, {self.rows}x{self.cols}, "
+                f"{self._nt} tiles of {self._T} rows, {self.nbytes / 2**20:.2f} MiB)")
+
+    # -- kernels
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """y = W @ x for x float32 (cols,); returns float32 (rows,), written to ``out`` if given."""
+        x = np.ascontiguousarray(x, dtype=_F32)
+        if x.shape != (self.cols,):
+            raise ValueError(f"matvec expects x of shape ({self.cols},), got {x.shape}")
+        if out is None:
+            out = np.empty(self.rows, _F32)
+        elif out.shape != (self.rows,) or out.dtype != _F32:
+            raise ValueError(f"out must be float32 ({self.rows},), got {out.dtype} {out.shape}")
+        if self._codec is None:
+            work = lambda lo, hi: self._float_tiles(x[None, :], out[None, :], lo, hi)
+        else:
+            s = x.reshape(self._G, -1).sum(axis=1) if self._m is not None else None
+            work = lambda lo, hi: self._matvec_tiles(x, s, out, lo, hi)
+        _run_tiles(self._nt, work)
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for x float32 (n, cols); returns float32 (n, rows)."""
+        x = np.ascontiguousarray(x, dtype=_F32)
+        if x.ndim != 2 or x.shape[1] != self.cols:
+            raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
+        n = x.shape[0]
+        out = np.empty((n, self.rows), _F32)
+        if n == 0:
+            return out
+        if self._codec is None:
+            work = lambda lo, hi: self._float_tiles(x, out, lo, hi)
+        else:
+            xg = x.reshape(n, self._G, -1)
+            xs = xg.sum(axis=2) if self._m is not None else None  # (n, G)
+            if n < _GEMM_MIN_N:
+                x3 = np.ascontiguousarray(xg.transpose(1, 0, 2))  # (G, n, gs)
+                work = lambda lo, hi: self._batched_tiles(x3, xs, out, lo, hi)
+            else:
+                xa = x if xs is None else np.concatenate([x, xs], axis=1)
+                work = lambda lo, hi: self._gemm_tiles(xa, out, lo, hi)
+        _run_tiles(self._nt, work)
+        return out
+
+    def _dest(self, out: np.ndarray, lo: int, hi: int, name: str) -> np.ndarray:
+        """out[..., rows of tiles lo..hi) or, if that runs into the padding, a scratch the
+        caller copies back with _undest."""
+        T = self._T
+        if hi * T <= self.rows:
+            return out[..., lo * T:hi * T]
+        lead = out.shape[:-1]
+        return _scratch(name, math.prod(lead) * (hi - lo) * T).reshape(*lead, (hi - lo) * T)
+
+    def _undest(self, out: np.ndarray, lo: int, hi: int, y: np.ndarray) -> None:
+        if hi * self._T > self.rows:
+            out[..., lo * self._T:] = y[..., : self.rows - lo * self._T]
+
+    def _decode(self, i: int, dst: np.ndarray) -> None:
+        """Codes of tile i -> float32 dst (per, K, Tp), ``c * 2**(slot*bits)`` (exact)."""
+        w = self._words[i].reshape(1, self.cols, self._Tp)
+        if self._codec.per == 1:
+            np.copyto(dst, w, casting="unsafe")
+        else:
+            np.bitwise_and(w, self._masks, out=dst, casting="unsafe")
+
+    def _matvec_tiles(self, x, s, out, lo, hi):
+        c, G, T, Tp, nb = self._codec, self._G, self._T, self._Tp, hi - lo
+        buf = _scratch("buf", self.cols * T).reshape(c.per, self.cols, Tp)
+        bv = buf.reshape(c.per, G, c.gs, Tp)
+        p = _scratch("p", nb * T * G).reshape(nb, c.per, G, 1, Tp)
+        x3 = x.reshape(G, 1, c.gs)
+        for i in range(lo, hi):
+            self._decode(i, buf)
+            np.matmul(x3, bv, out=p[i - lo])  # p[k, g, 0, t] = sum_j x[g, j] * c'[g, j, k, t]
+        y = self._dest(out, lo, hi, "y")
+        yk = y.reshape(nb, c.per, Tp)
+        np.einsum("ikgt,ikgt->ikt", self._d[lo:hi], p[:, :, :, 0, :], out=yk)
+        if s is not None:  # + sum_g m[g, t] * s[g]
+            t = _scratch("t", nb * T).reshape(nb, c.per, Tp)
+            np.matmul(s, self._m[lo:hi], out=t)
+            yk += t
+        self._undest(out, lo, hi, y)
+
+    def _batched_tiles(self, x3, xs, out, lo, hi):
+        """Small n: the matvec scheme with n right-hand sides per group."""
+        c, G, T, Tp = self._codec, self._G, self._T, self._Tp
+        n = x3.shape[1]
+        buf = _scratch("buf", self.cols * T).reshape(c.per, self.cols, Tp)
+        bv = buf.reshape(c.per, G, c.gs, Tp)
+        p = _scratch("pn", G * n * T).reshape(c.per, G, n, Tp)
+        t = _scratch("tn", n * T).reshape(c.per, n, Tp) if xs is not None else None
+        for i in range(lo, hi):
+            self._decode(i, buf)
+            np.matmul(x3, bv, out=p)
+            y = self._dest(out, i, i + 1, "yb")
+            yk = y.reshape(n, c.per, Tp)
+            np.einsum("kgt,kgnt->nkt", self._d[i], p, out=yk)
+            if xs is not None:
+                np.matmul(xs, self._m[i], out=t)
+                yk += t.transpose(1, 0, 2)
+            self._undest(out, i, i + 1, y)
+
+    def _gemm_tiles(self, xa, out, lo, hi):
+        """Prefill: dequantize a chunk of one row slot into a (K [+ G], C) float32 matrix and
+        run one sgemm. ``xa`` is x with, for types with m, the per-group sums of x appended,
+        so the m rows appended to the chunk add ``sum_g m*s`` inside the same sgemm."""
+        c, G, T, Tp, K = self._codec, self._G, self._T, self._Tp, self.cols
+        n, ka = xa.shape
+        C = max(8, min(Tp, -(-_GEMM_CHUNK_WEIGHTS // K) // 8 * 8))
+        wbuf = _scratch("buf", ka * C)
+        for i in range(lo, hi):
+            words = self._words[i].reshape(1, K, Tp)
+            for k in range(c.per):
+                for a in range(0, Tp, C):
+                    r0 = i * T + k * Tp + a
+                    if r0 >= self.rows:
+                        break
+                    b = min(Tp, a + C)
+                    w = wbuf[: ka * (b - a)].reshape(ka, b - a)
+                    if c.per == 1:
+                        np.copyto(w[:K], words[0, :, a:b], casting="unsafe")
+                    else:
+                        np.bitwise_and(words[:, :, a:b], self._masks[k], out=w[None, :K],
+                                       casting="unsafe")
+                    wg = w[:K].reshape(G, c.gs, b - a)
+                    np.multiply(wg, self._d[i, k, :, None, a:b], out=wg)
+                    if ka > K:
+                        w[K:] = self._m[i, k, :, a:b]
+                    r1 = min(self.rows, r0 + b - a)
+                    if r1 - r0 == b - a:
+                        np.matmul(xa, w, out=out[:, r0:r1])
+                    else:
+                        out[:, r0:r1] = (xa @ w)[:, : r1 - r0]
+
+    def _float_tiles(self, x, out, lo, hi):
+        """F32 straight BLAS; F16/BF16 widened to float32 per tile with integer bit ops."""
+        for i in range(lo, hi):
+            w = self._widen(i)
+            y = self._dest(out, i, i + 1, "yf")
+            np.matmul(x, w.T, out=y)
+            self._undest(out, i, i + 1, y)
+
+    def _widen(self, i: int) -> np.ndarray:
+        """Tile i of a float matrix as float32 (T, K)."""
+        src = self._words[i]
+        if self.qtype == QT.F32:
+            return src
+        b = _scratch("wide", src.size, np.uint32).reshape(src.shape)
+        if self.qtype == QT.BF16:  # bf16 bits are the top half of the float32 bits
+            np.left_shift(src, 16, out=b, dtype=np.uint32)
+            return b.view(_F32)
+        # f16 -> f32: the sign-extended h << 13 puts the sign at bit 31 and exponent|mantissa
+        # at bits 13..27 (bits 28..30 get copies of the sign: cleared by the mask); scaling by
+        # 2**112 rebiases the exponent (15 -> 127) and turns f16 subnormals into normals.
+        np.left_shift(src.view(np.int16), 13, out=b, dtype=np.uint32, casting="unsafe")
+        np.bitwise_and(b, np.uint32(0x8FFFE000), out=b)
+        f = b.view(_F32)
+        np.multiply(f, _F32(2.0**112), out=f)
+        return f
+
+    # -- dequantization
+
+    def rows_f32(self, idx: np.ndarray) -> np.ndarray:
+        """Dequantized rows W[idx] as float32 (len(idx), cols), bit-identical to gguf."""
+        idx = np.asarray(idx).reshape(-1)
+        if idx.size and (idx.min() < -self.rows or idx.max() >= self.rows):
+            raise IndexError(f"row index out of range for {self.rows} rows")
+        idx = idx.astype(np.int64) % self.rows
+        ti, t = np.divmod(idx, self._T)
+        c = self._codec
+        if c is None:
+            src = self._words[ti, t]
+            if self.qtype == QT.F32:
+                return src.copy()
+            if self.qtype == QT.F16:
+                return src.view(np.float16).astype(_F32)
+            return (src.astype(np.uint32) << 16).view(_F32)
+        k, tp = np.divmod(t, self._Tp)
+        w = self._words.reshape(self._nt, self.cols, self._Tp)[ti, :, tp]  # (n, K)
+        if c.per > 1:
+            w = (w >> (c.bits * k).astype(c.word)[:, None]) & c.word((1 << c.bits) - 1)
+        codes = w.astype(_F32)
+        d = self._d[ti, k, :, tp] * (2.0 ** (c.bits * k)).astype(_F32)[:, None]  # exact undo
+        d = np.repeat(d, c.gs, axis=1)
+        if c.offset:
+            return (codes - _F32(c.offset)) * d  # gguf: d * (q - offset)
+        v = codes * d
+        if self._m is not None:  # gguf: d*q + m  /  d*q - dmin*min
+            v += np.repeat(self._m[ti, k, :, tp], c.gs, axis=1)
+        return v
+
+    def dequantize(self) -> np.ndarray:
+        """The whole matrix as float32 (rows, cols); for tests and debugging."""
+        return self.rows_f32(np.arange(self.rows))

@@ -74,6 +74,8 @@ _SPLIT_WEIGHTS = 1 << 17
 # matmul with fewer rows of x than this decodes tiles once and runs the matvec scheme on
 # all rows at once; from here on, dequantize and use sgemm (crossover measured at n=16-24).
 _GEMM_MIN_N = 16
+# matvec applies the scales to at most this many per-group partial sums at once.
+_P_FLOATS = 1 << 18
 # Prefill dequantizes this many weights at a time: the chunk stays in L2 for the sgemm.
 _GEMM_CHUNK_WEIGHTS = 3 << 16
 
@@ -89,8 +91,8 @@ class _Codec:
     per: int  # codes per word (= row slots per tile)
     word: type  # numpy dtype of a repacked word
     gs: int  # values per scale group
-    has_m: bool  # scales carry an m row block
-    offset: int  # value = d * (c - offset) exactly as gguf computes it (0: d*c [+ m])
+    has_m: bool  # value = d*c + m (a min per group)
+    offset: int  # value = d * (c - offset), as gguf computes it (0: no offset)
     unpack: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 
@@ -116,8 +118,7 @@ def _blocks(raw: np.ndarray, qtype: QT) -> np.ndarray:
 
 def _unpack_q4_0(raw, cols):
     b = _blocks(raw, QT.Q4_0)
-    d = _f16(b[..., 0:2])
-    return _nibbles(b[..., 2:18]).reshape(len(b), cols), d, -8 * d
+    return _nibbles(b[..., 2:18]).reshape(len(b), cols), _f16(b[..., 0:2]), None
 
 
 def _unpack_q4_1(raw, cols):
@@ -127,9 +128,8 @@ def _unpack_q4_1(raw, cols):
 
 def _unpack_q5_0(raw, cols):
     b = _blocks(raw, QT.Q5_0)
-    d = _f16(b[..., 0:2])
     c = _nibbles(b[..., 6:22]) | (_qh_bits(b[..., 2:6]) << 4)
-    return c.reshape(len(b), cols), d, -16 * d
+    return c.reshape(len(b), cols), _f16(b[..., 0:2]), None
 
 
 def _unpack_q5_1(raw, cols):
@@ -140,7 +140,8 @@ def _unpack_q5_1(raw, cols):
 
 def _unpack_q8_0(raw, cols):
     b = _blocks(raw, QT.Q8_0)
-    return b[..., 2:34].view(np.int8).reshape(len(b), cols), _f16(b[..., 0:2]), None
+    # int8 q -> offset binary q + 128 (uint8 widens to float32 faster than int8)
+    return (b[..., 2:34] ^ 0x80).reshape(len(b), cols), _f16(b[..., 0:2]), None
 
 
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,20 +190,20 @@ def _unpack_q6_k(raw, cols):
     # qh: 64 bytes = 2 halves of 32; value (half a, 2-bit field s, l<32) = a*128 + s*32 + l.
     qh = b[..., 128:192].reshape(r, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
     q = (ql & 0x0F).reshape(r, nb, 256) | ((qh & 0x03).reshape(r, nb, 256) << 4)
-    c = (q.astype(np.int8) - np.int8(32)).reshape(r, cols)
+    c = q.reshape(r, cols)
     d = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(_F32)
     return c, d.reshape(r, -1), None
 
 
 _CODECS: dict[QT, _Codec] = {
-    QT.Q4_0: _Codec(4, 2, np.uint8, 32, True, 8, _unpack_q4_0),
+    QT.Q4_0: _Codec(4, 2, np.uint8, 32, False, 8, _unpack_q4_0),
     QT.Q4_1: _Codec(4, 2, np.uint8, 32, True, 0, _unpack_q4_1),
-    QT.Q5_0: _Codec(5, 3, np.uint16, 32, True, 16, _unpack_q5_0),
+    QT.Q5_0: _Codec(5, 3, np.uint16, 32, False, 16, _unpack_q5_0),
     QT.Q5_1: _Codec(5, 3, np.uint16, 32, True, 0, _unpack_q5_1),
-    QT.Q8_0: _Codec(8, 1, np.int8, 32, False, 0, _unpack_q8_0),
+    QT.Q8_0: _Codec(8, 1, np.uint8, 32, False, 128, _unpack_q8_0),
     QT.Q4_K: _Codec(4, 2, np.uint8, 32, True, 0, _unpack_q4_k),
     QT.Q5_K: _Codec(5, 3, np.uint16, 32, True, 0, _unpack_q5_k),
-    QT.Q6_K: _Codec(8, 1, np.int8, 16, False, 0, _unpack_q6_k),
+    QT.Q6_K: _Codec(8, 1, np.uint8, 16, False, 32, _unpack_q6_k),
 }
 _FLOATS = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}
 
@@ -322,6 +323,14 @@ class QuantMatrix:
             self._Tp = tile // c.per
             self._masks = (((1 << c.bits) - 1) << (c.bits * np.arange(c.per))).astype(c.word)
             self._masks = self._masks[:, None, None]
+            # per slot k: codes are c * 2**(k*bits) and d' = d * 2**-(k*bits)
+            self._slot = (2.0 ** (c.bits * np.arange(c.per))).astype(_F32)
+            # The kernels add sum_g a[g, t] * s[g] with s[g] = sum_j x[g, j]: a = m for types
+            # with a min; a = d' for offset types, with s scaled by -offset * 2**(k*bits)
+            # so that d' * that = -offset * d.
+            self._a = m if c.has_m else (d if c.offset else None)
+            self._sk = (np.ones((1, 1, 1), _F32) if c.has_m
+                        else (-c.offset * self._slot)[:, None, None])
 
     # -- construction
 
@@ -408,7 +417,10 @@ class QuantMatrix:
         if self._codec is None:
             work = lambda lo, hi: self._float_tiles(x[None, :], out[None, :], lo, hi)
         else:
-            s = x.reshape(self._G, -1).sum(axis=1) if self._m is not None else None
+            s = None
+            if self._a is not None:
+                s = np.add.reduce(x.reshape(self._G, -1), axis=1)
+                s = s[None] if self._m is not None else s * self._sk  # (1 | per, 1, G)
             work = lambda lo, hi: self._matvec_tiles(x, s, out, lo, hi)
         _run_tiles(self._nt, work)
         return out
@@ -426,12 +438,13 @@ class QuantMatrix:
             work = lambda lo, hi: self._float_tiles(x, out, lo, hi)
         else:
             xg = x.reshape(n, self._G, -1)
-            xs = xg.sum(axis=2) if self._m is not None else None  # (n, G)
+            xs = xg.sum(axis=2) if self._a is not None else None  # (n, G)
             if n < _GEMM_MIN_N:
                 x3 = np.ascontiguousarray(xg.transpose(1, 0, 2))  # (G, n, gs)
                 work = lambda lo, hi: self._batched_tiles(x3, xs, out, lo, hi)
             else:
-                xa = x if xs is None else np.concatenate([x, xs], axis=1)
+                s0 = 1 if self._m is not None else -self._codec.offset
+                xa = x if xs is None else np.concatenate([x, s0 * xs], axis=1)
                 work = lambda lo, hi: self._gemm_tiles(xa, out, lo, hi)
         _run_tiles(self._nt, work)
         return out
@@ -458,22 +471,26 @@ class QuantMatrix:
             np.bitwise_and(w, self._masks, out=dst, casting="unsafe")
 
     def _matvec_tiles(self, x, s, out, lo, hi):
-        c, G, T, Tp, nb = self._codec, self._G, self._T, self._Tp, hi - lo
+        c, G, T, Tp = self._codec, self._G, self._T, self._Tp
         buf = _scratch("buf", self.cols * T).reshape(c.per, self.cols, Tp)
         bv = buf.reshape(c.per, G, c.gs, Tp)
-        p = _scratch("p", nb * T * G).reshape(nb, c.per, G, 1, Tp)
         x3 = x.reshape(G, 1, c.gs)
-        for i in range(lo, hi):
-            self._decode(i, buf)
-            np.matmul(x3, bv, out=p[i - lo])  # p[k, g, 0, t] = sum_j x[g, j] * c'[g, j, k, t]
-        y = self._dest(out, lo, hi, "y")
-        yk = y.reshape(nb, c.per, Tp)
-        np.einsum("ikgt,ikgt->ikt", self._d[lo:hi], p[:, :, :, 0, :], out=yk)
-        if s is not None:  # + sum_g m[g, t] * s[g]
-            t = _scratch("t", nb * T).reshape(nb, c.per, Tp)
-            np.matmul(s, self._m[lo:hi], out=t)
-            yk += t
-        self._undest(out, lo, hi, y)
+        step = max(1, _P_FLOATS // (G * T))  # tiles per einsum, bounds the p scratch
+        for lo1 in range(lo, hi, step):
+            hi1 = min(hi, lo1 + step)
+            nb = hi1 - lo1
+            p = _scratch("p", nb * T * G).reshape(nb, c.per, G, 1, Tp)
+            for i in range(lo1, hi1):
+                self._decode(i, buf)
+                np.matmul(x3, bv, out=p[i - lo1])  # p[k, g, 0, t] = sum_j x[g, j] c'[g, j, k, t]
+            y = self._dest(out, lo1, hi1, "y")
+            yk = y.reshape(nb, c.per, Tp)
+            np.einsum("ikgt,ikgt->ikt", self._d[lo1:hi1], p[:, :, :, 0, :], out=yk)
+            if s is not None:  # + sum_g a[g, t] * s[g]
+                t = _scratch("t", nb * T).reshape(nb, c.per, 1, Tp)
+                np.matmul(s, self._a[lo1:hi1], out=t)
+                yk += t[:, :, 0]
+            self._undest(out, lo1, hi1, y)
 
     def _batched_tiles(self, x3, xs, out, lo, hi):
         """Small n: the matvec scheme with n right-hand sides per group."""
@@ -482,7 +499,9 @@ class QuantMatrix:
         buf = _scratch("buf", self.cols * T).reshape(c.per, self.cols, Tp)
         bv = buf.reshape(c.per, G, c.gs, Tp)
         p = _scratch("pn", G * n * T).reshape(c.per, G, n, Tp)
-        t = _scratch("tn", n * T).reshape(c.per, n, Tp) if xs is not None else None
+        if xs is not None:
+            xk = xs * self._sk  # (per, n, G)
+            t = _scratch("tn", n * T).reshape(c.per, n, Tp)
         for i in range(lo, hi):
             self._decode(i, buf)
             np.matmul(x3, bv, out=p)
@@ -490,7 +509,7 @@ class QuantMatrix:
             yk = y.reshape(n, c.per, Tp)
             np.einsum("kgt,kgnt->nkt", self._d[i], p, out=yk)
             if xs is not None:
-                np.matmul(xs, self._m[i], out=t)
+                np.matmul(xk, self._a[i], out=t)
                 yk += t.transpose(1, 0, 2)
             self._undest(out, i, i + 1, y)
 
@@ -518,8 +537,10 @@ class QuantMatrix:
                                        casting="unsafe")
                     wg = w[:K].reshape(G, c.gs, b - a)
                     np.multiply(wg, self._d[i, k, :, None, a:b], out=wg)
-                    if ka > K:
+                    if ka > K and self._m is not None:
                         w[K:] = self._m[i, k, :, a:b]
+                    elif ka > K:  # -offset * d: the sums appended to x carry -offset
+                        np.multiply(self._d[i, k, :, a:b], self._slot[k], out=w[K:])
                     r1 = min(self.rows, r0 + b - a)
                     if r1 - r0 == b - a:
                         np.matmul(xa, w, out=out[:, r0:r1])
@@ -574,7 +595,7 @@ class QuantMatrix:
         if c.per > 1:
             w = (w >> (c.bits * k).astype(c.word)[:, None]) & c.word((1 << c.bits) - 1)
         codes = w.astype(_F32)
-        d = self._d[ti, k, :, tp] * (2.0 ** (c.bits * k)).astype(_F32)[:, None]  # exact undo
+        d = self._d[ti, k, :, tp] * self._slot[k][:, None]  # exact undo of the slot scale
         d = np.repeat(d, c.gs, axis=1)
         if c.offset:
             return (codes - _F32(c.offset)) * d  # gguf: d * (q - offset)

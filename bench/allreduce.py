@@ -5,10 +5,13 @@
                               [--threadsafe]
 
 Prints one JSON line per (loop, P, wire, algorithm, size): median and p99 latency of one
-all-reduce in microseconds, measured on rank 0 over back-to-back calls after a warm-up.
+all-reduce in microseconds, measured on rank 0 over back-to-back calls after a warm-up, in
+``--rounds`` interleaved rounds (so a burst of load elsewhere on the box does not spoil one
+size); ``load`` is the 1-minute load average when the line was written.
 ``--algo exchange,ring`` forces each algorithm (to measure the crossover); ``--threadsafe``
-also times calls made from a worker thread through ``asyncio.run_coroutine_threadsafe``, as
-the model's compute thread does.  The peers pin nothing: with P > cores they oversubscribe.
+also times calls made from a worker thread, as the model's compute thread makes them, through
+``asyncio.run_coroutine_threadsafe`` (``threadsafe_median_us``) and through
+``Collectives.allreduce_sync`` (``sync_median_us``).  The peers pin nothing: with P > cores they oversubscribe.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ringllm.ring.collectives import Collectives  # noqa: E402
+from ringllm.ring.collectives import CHUNK_ELEMS, Collectives  # noqa: E402
 from ringllm.ring.handshake import HandshakeInfo  # noqa: E402
 from ringllm.ring.links import open_tcp_ring  # noqa: E402
 
@@ -55,25 +58,38 @@ async def _peer_main(rank: int, size: int, sock: socket.socket, ports: list[int]
         for wire in args.wire:
             for algo in args.algo:
                 small = {"auto": None, "exchange": 1 << 62, "ring": 0}[algo]
-                coll = Collectives(rank, size, ring, wire, small_max_elems=small)
+                coll = Collectives(rank, size, ring, wire, small_max_elems=small,
+                                   chunk_elems=args.chunk_elems)
+                xs = {n: np.random.default_rng(rank).standard_normal(n).astype(np.float32)
+                      for n in args.sizes}
+                samples: dict[int, list[float]] = {n: [] for n in args.sizes}
+                threadsafe: dict[int, list[float]] = {n: [] for n in args.sizes}
+                sync: dict[int, list[float]] = {n: [] for n in args.sizes}
+                # Rounds interleave the sizes so that interference from other processes on the
+                # box is spread over all of them rather than spoiling one.
+                for _ in range(args.rounds):
+                    for n in args.sizes:
+                        x = xs[n]
+                        iters = max(5, _iters(n, args.scale) // args.rounds)
+                        for _ in range(max(2, iters // 10)):
+                            await coll.allreduce(x)
+                        for _ in range(iters):
+                            t0 = time.perf_counter()
+                            await coll.allreduce(x)
+                            samples[n].append(time.perf_counter() - t0)
+                        if args.threadsafe and n <= 65536:
+                            threadsafe[n] += await _threadsafe(loop, coll, x, iters, False)
+                            sync[n] += await _threadsafe(loop, coll, x, iters, True)
                 for n in args.sizes:
-                    x = np.random.default_rng(rank).standard_normal(n).astype(np.float32)
-                    iters = _iters(n, args.scale)
-                    for _ in range(max(3, iters // 10)):
-                        await coll.allreduce(x)
-                    samples = []
-                    for _ in range(iters):
-                        t0 = time.perf_counter()
-                        await coll.allreduce(x)
-                        samples.append(time.perf_counter() - t0)
-                    med, p99 = _stats(samples)
+                    med, p99 = _stats(samples[n])
                     rec = {"loop": args.loop_name, "P": size, "wire": wire,
                            "algorithm": coll.algorithm(n), "forced": algo != "auto",
-                           "floats": n, "iters": iters,
+                           "floats": n, "iters": len(samples[n]),
                            "median_us": round(med, 1), "p99_us": round(p99, 1)}
-                    if args.threadsafe and n <= 4096:
-                        rec["threadsafe_median_us"] = round(
-                            await _threadsafe(loop, coll, x, iters), 1)
+                    if threadsafe[n]:
+                        rec["threadsafe_median_us"] = round(_stats(threadsafe[n])[0], 1)
+                        rec["sync_median_us"] = round(_stats(sync[n])[0], 1)
+                    rec["load"] = round(os.getloadavg()[0], 2)
                     if rank == 0:
                         out.put(json.dumps(rec))
     finally:
@@ -81,18 +97,22 @@ async def _peer_main(rank: int, size: int, sock: socket.socket, ports: list[int]
 
 
 async def _threadsafe(loop: asyncio.AbstractEventLoop, coll: Collectives, x: np.ndarray,
-                      iters: int) -> float:
-    """Median latency of all-reduces submitted from a worker thread (the model's path)."""
+                      iters: int, sync: bool) -> list[float]:
+    """Latencies of all-reduces called from a worker thread (the model's path), either through
+    ``run_coroutine_threadsafe`` or through ``Collectives.allreduce_sync``."""
     samples: list[float] = []
 
     def worker() -> None:
         for _ in range(iters):
             t0 = time.perf_counter()
-            asyncio.run_coroutine_threadsafe(coll.allreduce(x), loop).result()
+            if sync:
+                coll.allreduce_sync(x)
+            else:
+                asyncio.run_coroutine_threadsafe(coll.allreduce(x), loop).result()
             samples.append(time.perf_counter() - t0)
 
     await asyncio.to_thread(worker)
-    return _stats(samples)[0]
+    return samples
 
 
 def _peer_proc(rank: int, size: int, sock: socket.socket, ports: list[int],
@@ -138,6 +158,9 @@ def main() -> None:
     ap.add_argument("--loop", type=csv(str), default=["uvloop", "asyncio"])
     ap.add_argument("--algo", type=csv(str), default=["auto"])
     ap.add_argument("--scale", type=float, default=1.0, help="multiply iteration counts")
+    ap.add_argument("--chunk-elems", type=int, default=CHUNK_ELEMS,
+                    help="elements per frame in the ring algorithm")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the sizes")
     ap.add_argument("--threadsafe", action="store_true")
     args = ap.parse_args()
     for loop_name in args.loop:

@@ -41,6 +41,8 @@ def check_allreduce(outs, xs, wire: str, algo: str) -> None:
     p = len(xs)
     assert all(o.dtype == np.float32 and o.shape == xs[0].shape for o in outs)
     assert all(o.tobytes() == outs[0].tobytes() for o in outs), "peers disagree"
+    if outs[0].size == 0:
+        return
     ref = np.sum(np.stack(xs).astype(np.float64), axis=0)
     mags = np.stack([np.abs(x).astype(np.float64) for x in xs])
     tol = 4 * p * 2.0**-24 * mags.sum(axis=0) + 1e-30

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from ringllm.errors import HandshakeError
+from ringllm.errors import HandshakeError, PeerLostError
 from ringllm.ring.handshake import (
     DONE,
     REFUSED,
@@ -184,3 +184,25 @@ async def test_driver_reports_peer_hanging_up():
     wb.close()
     with pytest.raises(HandshakeError, match="connection lost during handshake"):
         await handshake(ra, wa, me=A, secret=SECRET, expect_rank=None, timeout=2)
+
+
+async def test_link_takes_over_bytes_buffered_during_handover():
+    from ringllm.ring.links import TcpLink
+
+    (ra, wa), (rb, wb) = await tcp_pair()
+    async with asyncio.timeout(10):
+        await asyncio.gather(
+            handshake(ra, wa, me=A, secret=SECRET, expect_rank=1, timeout=5),
+            handshake(rb, wb, me=B, secret=SECRET, expect_rank=0, timeout=5))
+        # B starts talking at once; the bytes land in A's StreamReader before A's link exists.
+        wb.write(encode_frame_bytes("x-early", {"n": 1}) + encode_frame_bytes("x-early", {"n": 2}))
+        await asyncio.sleep(0.05)
+        link_a = TcpLink(ra, wa, "B", recv_timeout=2)
+        link_b = TcpLink(rb, wb, "A", recv_timeout=2)
+        assert [(await link_a.recv()).header["n"] for _ in range(2)] == [1, 2]
+        await link_b.send("x-late", {"n": 3}, b"payload")
+        frame = await link_a.recv()
+        assert frame.header == {"n": 3} and bytes(frame.payload) == b"payload"
+        link_b.close("bye now")
+        with pytest.raises(PeerLostError, match="lost peer B: connection closed"):
+            await link_a.recv()

@@ -27,6 +27,8 @@ error.  Re-form the ring and build a new :class:`Collectives`.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,14 +54,24 @@ Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (QK8_0,))])
 assert Q8_0_BLOCK.itemsize == 34
 
 # Largest all-reduce (in float32 elements) that uses the exchange algorithm, per ring size.
-# Measured with bench/allreduce.py on 127.0.0.1 (see docs/protocol.md, "Crossover"); for P=2
-# the exchange moves the same bytes as the ring in half the hops, so it always wins.
-SMALL_MAX_ELEMS: dict[int, int] = {2: 1 << 62, 3: 1 << 16, 4: 1 << 15}
+# Measured with bench/allreduce.py on 127.0.0.1 (docs/protocol.md, "Crossover"): for P=2 the
+# exchange moves the same bytes as the ring in half the hops and won at every size up to 1M
+# floats; P=3 crossed between 128K and 512K floats, P=4 between 32K and 64K.  Larger rings use
+# an extrapolated value (not measured: P=5 on the 2-core bench box is all oversubscription).
+SMALL_MAX_ELEMS: dict[int, int] = {2: 1 << 62, 3: 1 << 18, 4: 1 << 15}
 SMALL_MAX_DEFAULT = 1 << 14
-# Elements per frame in the ring algorithm (a multiple of the Q8_0 block): 256 KiB of float32.
-CHUNK_ELEMS = 1 << 16
+# Elements per frame in the ring algorithm (a multiple of the Q8_0 block): 512 KiB of float32.
+# Smaller chunks pipeline more finely but cost more per-frame overhead; on the loopback bench
+# 64K..512K elements were within the noise of each other.
+CHUNK_ELEMS = 1 << 17
 BCAST_CHUNK_BYTES = 1 << 18
 MAX_BCAST_BYTES = 1 << 36  # refuse to allocate more for a broadcast a peer announces
+# uvloop keeps a reference to a written buffer it could not send at once (asyncio copies it),
+# so a caller's array may still be in flight after a collective returns.  Payloads up to this
+# size are copied by the link anyway (joined with their header); larger caller-owned payloads
+# are copied here unless the algorithm guarantees delivery before returning (the ring's
+# reduce-scatter: our last frame in depends on the successor having read all of ours).
+BORROW_MAX = 64 * 1024
 
 
 # -- Q8_0 ---------------------------------------------------------------------------------
@@ -71,43 +83,48 @@ def q8_0_nbytes(n: int) -> int:
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """Quantize float32 values to GGML Q8_0 blocks, bit-exact with ggml / gguf-py.
 
-    Returns a structured array of ``ceil(n/32)`` blocks (34 bytes each); the tail is padded
-    with zeros.  Same math as ``quantize_row_q8_0_ref``: d = amax/127, q = roundf(x/d).
+    Returns a ``(ceil(n/32), 34)`` uint8 array of blocks; the tail is padded with zeros.  Same
+    math as ``quantize_row_q8_0_ref``: d = amax/127, q = roundf(x/d).
     """
     x = np.ascontiguousarray(x, dtype=F32).reshape(-1)
     n = x.size
     nb = -(-n // QK8_0)
+    out = np.empty((nb, Q8_0_BLOCK.itemsize), np.uint8)
     if nb == 0:
-        return np.empty(0, Q8_0_BLOCK)
+        return out
     if n % QK8_0:
         x = np.concatenate([x, np.zeros(nb * QK8_0 - n, F32)])
     blocks = x.reshape(nb, QK8_0)
-    d = np.abs(blocks).max(axis=1, keepdims=True)
+    v = np.abs(blocks)
+    d = v.max(axis=1, keepdims=True)
     d /= F32.type(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, F32.type(0), F32.type(1) / d)
-    v = blocks * inv
-    # roundf (half away from zero) exactly as gguf-py's np_roundf: floor(a) + floor(2*frac)
+    inv = np.zeros_like(d)
+    np.divide(F32.type(1), d, out=inv, where=d != 0)
+    np.multiply(blocks, inv, out=v)
+    # roundf (half away from zero) exactly as gguf-py's np_roundf: floor(a) + floor(2*frac(a)).
+    # (trunc(v + 0.5) is not exact: 0.49999997 + 0.5 rounds up to 1.0 in float32.)
     a = np.abs(v)
     fl = np.floor(a)
     a -= fl
     a *= 2
     np.floor(a, out=a)
     a += fl
-    a *= np.sign(v)
-    out = np.empty(nb, Q8_0_BLOCK)
-    out["d"] = d[:, 0]
-    out["qs"] = a
+    np.copysign(a, v, out=a)
+    out[:, :2] = d.astype("<f2").view(np.uint8)
+    out[:, 2:] = a.astype(np.int8).view(np.uint8)
     return out
 
 
 def dequantize_q8_0(buf: Any, n: int) -> np.ndarray:
     """Dequantize Q8_0 blocks (any bytes-like or block array) to ``n`` float32 values."""
-    blocks = np.frombuffer(buf, Q8_0_BLOCK)
-    if blocks.size * QK8_0 < n:
-        raise ValueError(f"{blocks.size} Q8_0 blocks cannot hold {n} values")
-    y = blocks["qs"].astype(F32)
-    y *= blocks["d"].astype(F32)[:, None]
+    raw = np.frombuffer(buf, np.uint8)
+    nb = raw.size // Q8_0_BLOCK.itemsize
+    if nb * QK8_0 < n or raw.size % Q8_0_BLOCK.itemsize:
+        raise ValueError(f"{raw.size} bytes are not Q8_0 blocks holding {n} values")
+    raw = raw.reshape(nb, Q8_0_BLOCK.itemsize)
+    d = raw[:, :2].copy().view("<f2").astype(F32)  # (nb, 1)
+    y = raw[:, 2:].view(np.int8).astype(F32)
+    y *= d
     return y.reshape(-1)[:n]
 
 
@@ -162,6 +179,10 @@ class Collectives:
         self._encode, self._decode, self._nbytes = _CODECS[wire]
         self._broken: BaseException | None = None
         self._busy = False
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None  # bound on the first async call
 
     def algorithm(self, n: int) -> str:
         """The all-reduce algorithm used for ``n`` elements: ``"exchange"`` or ``"ring"``."""
@@ -181,6 +202,8 @@ class Collectives:
         if n > self.small_max_elems:
             return (await self._run(self._allreduce_ring, x.reshape(-1))).reshape(x.shape)
         # The decode path: ~120 calls per token, so the guard of _run is inlined here.
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         if self._broken is not None or self._busy:
             self._refuse()
         self._busy = True
@@ -226,6 +249,50 @@ class Collectives:
                 return x.copy()
         return await self._run(self._broadcast, x, root)
 
+    # -- blocking variants for a worker thread ------------------------------------------------
+    def allreduce_sync(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`allreduce` called from a thread other than the event loop's; blocks.
+
+        For the model's compute thread: about half the overhead of
+        ``asyncio.run_coroutine_threadsafe(...).result()`` (one lock instead of a
+        concurrent.futures.Future and its condition variable).  Exceptions propagate; a
+        KeyboardInterrupt in the waiting thread does not cancel the collective.
+        """
+        return self._from_thread(self.allreduce, x)
+
+    def allgather_sync(self, x: np.ndarray) -> list[np.ndarray]:
+        """:meth:`allgather` from a worker thread (see :meth:`allreduce_sync`)."""
+        return self._from_thread(self.allgather, x)
+
+    def broadcast_sync(self, x: np.ndarray | None, root: int) -> np.ndarray:
+        """:meth:`broadcast` from a worker thread (see :meth:`allreduce_sync`)."""
+        return self._from_thread(self.broadcast, x, root)
+
+    def _from_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = self.loop
+        if loop is None:
+            raise LocalProtocolError("Collectives has no event loop yet: make one async call "
+                                     "first or construct it inside the loop")
+        try:
+            if asyncio.get_running_loop() is loop:
+                raise LocalProtocolError("*_sync collectives would deadlock on the loop's thread")
+        except RuntimeError:
+            pass
+        done = threading.Lock()
+        done.acquire()
+        box: list[asyncio.Task[Any]] = []
+
+        def finished(task: asyncio.Task[Any]) -> None:
+            box.append(task)
+            done.release()
+
+        def start() -> None:
+            loop.create_task(fn(*args)).add_done_callback(finished)
+
+        loop.call_soon_threadsafe(start)
+        done.acquire()
+        return box[0].result()
+
     # -- machinery ------------------------------------------------------------------------------
     def _refuse(self) -> None:
         if self._broken is not None:
@@ -243,6 +310,8 @@ class Collectives:
             await link.drain()
 
     async def _run(self, op: Callable[..., Any], *args: Any) -> Any:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         if self._broken is not None or self._busy:
             self._refuse()
         self._busy = True
@@ -314,6 +383,8 @@ class Collectives:
         f32 = self.wire == "f32"
         decode, nbytes = self._decode, self._nbytes(n)
         payload = x if f32 else self._encode(x)
+        if f32 and x.nbytes > BORROW_MAX:
+            payload = x.copy()  # see BORROW_MAX
         vals: list[Any] = [None] * p
         # The sender uses exactly what the others will decode (identity for f32).
         vals[r] = x.reshape(-1) if f32 else decode(payload, n)
@@ -416,7 +487,7 @@ class Collectives:
             parts[origin] = _array_from(link, frame)
 
         await self._exchange("ag", {"dt": x.dtype.str, "sh": list(x.shape)},
-                             x.reshape(-1).view(np.uint8), on_frame)
+                             _unborrowed(x.reshape(-1).view(np.uint8)), on_frame)
         return parts  # type: ignore[return-value]
 
     async def _broadcast(self, x: np.ndarray | None, root: int) -> np.ndarray:
@@ -425,7 +496,7 @@ class Collectives:
         cw, ccw = self._hops()
         dist = (self.rank - root) % self.size
         if x is not None and self.rank == root:
-            raw = memoryview(x.reshape(-1).view(np.uint8)) if x.size else memoryview(b"")
+            raw = memoryview(_unborrowed(x.reshape(-1).view(np.uint8)))
             nchunks = max(1, -(-len(raw) // BCAST_CHUNK_BYTES))
             for i in range(nchunks):
                 piece = raw[i * BCAST_CHUNK_BYTES:(i + 1) * BCAST_CHUNK_BYTES]
@@ -460,6 +531,10 @@ class Collectives:
                 break
             frame = await self._recv(src, "bc", i)
         return _array_from(src, Frame("coll", h, memoryview(buf)))
+
+
+def _unborrowed(buf: np.ndarray) -> np.ndarray:
+    return buf.copy() if buf.nbytes > BORROW_MAX else buf
 
 
 def _contiguous(x: Any, dtype: np.dtype | None = None) -> np.ndarray:

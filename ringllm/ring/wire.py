@@ -244,6 +244,32 @@ class FrameDecoder:
             return self._plen - self._pfill
         return 0
 
+    def payload_buffer(self) -> memoryview | None:
+        """The unfilled tail of the payload being received, or None outside a payload.
+
+        Lets the I/O layer receive payload bytes straight into place (``recv_into`` /
+        ``BufferedProtocol``) instead of through ``feed``; report them with
+        :meth:`payload_received`.  Valid until the next ``feed``/``payload_received`` call.
+        """
+        if self.state is not PAYLOAD_STATE:
+            return None
+        assert self._payload is not None
+        return memoryview(self._payload)[self._pfill:]
+
+    def payload_received(self, n: int) -> list[Frame]:
+        """Account for ``n`` bytes written into :meth:`payload_buffer`; return the frame if it
+        is now complete (a one-element list) or ``[]``."""
+        if self.state is not PAYLOAD_STATE or not 0 < n <= self._plen - self._pfill:
+            raise ValueError(f"payload_received({n}) outside a payload of {self._plen - self._pfill} "
+                             "missing bytes")
+        self._pfill += n
+        if self._pfill < self._plen:
+            return []
+        payload = self._payload
+        assert payload is not None
+        self._payload = None
+        return [self._finish(payload)]
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data``; return the frames it completes.  See the class contract."""
         if self._error is not None:

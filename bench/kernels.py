@@ -5,7 +5,7 @@ repeats: the machine is shared and noisy) time and G weights/s, then lines estim
 and prefill tokens/s for SmolLM2-135M (30 layers, Q4_1, tied Q8_0 embedding) from those times.
 
     python bench/kernels.py                 # SmolLM2 shapes, threads 1 and 2
-    python bench/kernels.py --all-types     # plus every supported type at 3072x576
+    python bench/kernels.py --all-types     # plus every supported type at 2048x1024
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     mats["head"] = (QT.Q8_0, HEAD)
     if args.all_types:
         for qt in sorted(quant.SUPPORTED, key=lambda t: t.value):
-            mats[f"all-{qt.name}"] = (qt, (3072, 576))
+            mats[f"all-{qt.name}"] = (qt, (2048, 1024))
     n = args.prefill_n
     xs = {c: rng.standard_normal(c, np.float32) for _, (_, (_, c)) in mats.items()}
     Xs = {c: rng.standard_normal((n, c), np.float32) for _, (_, (_, c)) in mats.items()}
@@ -100,8 +100,10 @@ def main() -> None:
             print(json.dumps({
                 "qtype": m.qtype.name, "shape": [m.rows, m.cols], "name": name, "op": op,
                 "n": n if op == "matmul" else 1, "threads": th, "us": round(s * 1e6, 1),
-                "gw_s": round(m.rows * m.cols / s / 1e9, 3),
-                **({"tok_s": round(n / s, 1)} if op == "matmul" else {}),
+                # matmul: weights x tokens per second
+                "gw_s": round(m.rows * m.cols * (n if op == "matmul" else 1) / s / 1e9, 3),
+                **({"gflop_s": round(2 * m.rows * m.cols * n / s / 1e9, 1),
+                    "tok_s": round(n / s, 1)} if op == "matmul" else {}),
             }), flush=True)
         layer_mv = sum(best[(k, "matvec", threads)] for k in LAYER_SHAPES)
         decode = LAYERS * layer_mv + best[("head", "matvec", threads)]

@@ -56,6 +56,8 @@ def make_raw(qtype, rows: int, cols: int, mode: str, rng: np.random.Generator) -
              "negative": -np.abs(rng.standard_normal((rows, cols)))}.get(
             mode, rng.standard_normal((rows, cols)) * 3)
         v = v.astype(np.float32)
+        if mode == "random":  # some tiny values: f16 subnormals, bf16/f32 near-denormals
+            v[rng.random(v.shape) < 0.2] *= 2.0**-20
         if qtype == QT.F16:
             return v.astype(np.float16).view(np.uint8)
         return (v.view(np.uint8) if qtype == QT.F32 else gq.quantize(v, qtype).view(np.uint8))
@@ -193,6 +195,7 @@ def test_threads_bit_identical(qtype):
     rng = np.random.default_rng(7)
     rows, cols = 1000, 512
     m = quant.QuantMatrix.from_raw(qtype, make_raw(qtype, rows, cols, "random", rng), rows, cols)
+    assert m._nt % 2 == 0  # the two threads really split it
     x = rng.standard_normal(cols).astype(np.float32)
     xs = [rng.standard_normal((n, cols)).astype(np.float32) for n in (3, 40)]
     two = [m.matvec(x)] + [m.matmul(a) for a in xs]
@@ -251,6 +254,23 @@ def test_sizes():
     m = quant.QuantMatrix.from_raw(QT.Q4_1, make_raw(QT.Q4_1, 1024, 576, "normal", rng),
                                    1024, 576)
     assert 0.95 < m.nbytes / (1024 * 576 * 6 / 8) < 1.1  # 4-bit codes + f32 d and m
+
+
+def test_f16_special_values():
+    """The integer f16 -> f32 widening: signed zeros, subnormals, extremes; Inf/NaN refused."""
+    h = np.array([0, 0x8000, 1, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF,
+                  0x3555, 0xC000, 0x0200, 0x8200, 0x1234, 0x9234], np.uint16)
+    raw = np.tile(h, (3, 2)).view(np.uint8)
+    m = quant.QuantMatrix.from_raw(QT.F16, raw, 3, 32)
+    want = np.tile(h.view(np.float16).astype(np.float32), (3, 2))
+    assert same_bits(m._widen(0)[:3], want) and same_bits(m.dequantize(), want)
+    x = np.ones(32, np.float32)
+    ref = want.astype(np.float64).sum(axis=1)
+    check_close(m.matvec(x), ref, np.abs(want).astype(np.float64).sum(axis=1))
+    bad = raw.copy().view(np.uint16)
+    bad[1, 5] = 0x7C00  # +Inf
+    with pytest.raises(ModelError, match="Inf/NaN"):
+        quant.QuantMatrix.from_raw(QT.F16, bad.view(np.uint8), 3, 32)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q2_K, QT.IQ4_NL, QT.TQ1_0])

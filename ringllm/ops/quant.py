@@ -1,52 +1,55 @@
 """Quantized weight matrices and their matvec / matmul kernels, in pure numpy.
 
 A :class:`QuantMatrix` holds ``W`` (rows, cols) for ``y = W @ x``. Every quantized type is
-reduced, once at load, to integer codes ``c`` plus per-group float32 scales::
+reduced, once at load, to unsigned integer codes ``c`` and per-group float32 scales::
 
-    w[r, g*gs + j] = d[r, g] * c[r, g, j] + m[r, g]        (gs = 32, or 16 for Q6_K)
+    w[r, g*gs + j] = d[r, g] * (c[r, g, j] - offset) + m[r, g]    (gs = 32, or 16 for Q6_K)
 
-K-quant sub-block scales are folded into ``d``/``m`` the way ``gguf.quants`` computes them
-(``d*sc``, ``-dmin*min``). Q4_0/Q5_0 keep unsigned codes with ``m = -8d`` / ``-16d``; Q8_0 and
-Q6_K keep signed int8 codes (``q-32`` for Q6_K) and no ``m``.
+with ``m`` only for the types that have a min (Q4_1 Q5_1 Q4_K Q5_K) and ``offset`` only for
+the symmetric ones (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128, its int8 stored offset-binary).
+K-quant sub-block scales are folded in as ``gguf.quants`` computes them (``d*sc``,
+``-dmin*min``), so ``dequantize()`` repeats gguf's float32 operations bit for bit.
 
 Repacked layout (the bytes)
 ---------------------------
-Rows are cut into ``nt`` tiles of ``T`` rows (the last one zero-padded), and each tile into
-``per`` row slots of ``Tp = T/per`` rows. One storage word holds ``per`` codes, the code for
-slot ``k`` in bits ``[k*b, (k+1)*b)``:
+Rows are cut into ``nt`` tiles of ``T`` rows (the last one zero-padded), each tile into ``per``
+row slots of ``Tp = T/per`` rows. One word holds ``per`` codes, slot ``k`` in bits
+``[k*b, (k+1)*b)``:
 
-===========================  =====  ======  ===  ====================================
-type                         word   b       per  bits/weight kept (+ scales)
-===========================  =====  ======  ===  ====================================
-Q4_0 Q4_1 Q4_K               u8     4       2    4
-Q5_0 Q5_1 Q5_K               u16    5       3    5.33
-Q8_0 Q6_K                    i8     8       1    8
-===========================  =====  ======  ===  ====================================
+=================  =====  ===  ===  ==================================================
+types              word   b    per  bits/weight held: codes + float32 scales
+=================  =====  ===  ===  ==================================================
+Q4_0 Q4_1 Q4_K     u8     4    2    4 + 1 (d) [+ 1 (m)]
+Q5_0 Q5_1 Q5_K     u16    5    3    5.33 + 1 [+ 1]
+Q8_0 Q6_K          u8     8    1    8 + 1 (Q8_0), 8 + 2 (Q6_K: a scale per 16)
+=================  =====  ===  ===  ==================================================
 
-``words[i]`` is the tile ``i`` as a C array of shape ``(G, gs, Tp)``: word ``[g, j, t]`` packs
-``c[row = i*T + k*Tp + t, col = g*gs + j]`` for ``k = 0..per-1``. ``scales[i]`` is f32
-``(nd*G, T)``: rows ``[0, G)`` are ``d'``, rows ``[G, 2G)`` are ``m`` (only when the type has
-one), columns are the tile's rows in order.
+* ``_words[i]``: tile ``i`` as a C array ``(K, Tp)`` (K = cols): word ``[col, t]`` packs
+  ``c[row = i*T + k*Tp + t, col]`` for ``k = 0..per-1``.
+* ``_d[i]``, ``_m[i]``: float32 ``(per, G, Tp)`` (G = cols/gs), ``d'[k, g, t] = d[row, g] *
+  2**-(k*b)`` and ``m[row, g]`` for the same rows.
 
-Why: numpy can only multiply float32 fast (BLAS), so each weight must become one float32 in a
-cache-sized buffer, and that store is the cost to minimise (~0.15 ns/weight here, about what
-a memcpy costs). With this layout a single ufunc call per tile, ``bitwise_and(words, masks)``
-with ``masks[k] = (2**b - 1) << (k*b)`` broadcast over slots and a float32 ``out``, decodes a
-whole tile: it writes ``c * 2**(k*b)``, exact in float32, into a ``(per, G, gs, Tp)`` buffer,
-and the power of two is folded into ``d' = d * 2**-(k*b)`` (exact, so ``d'*c'`` rounds exactly
-like ``d*c``). No shift pass, no interleave, no int8 copy of 4-bit weights. Then
+Why: numpy multiplies fast only in float32 BLAS, so every weight must become a float32 in a
+work buffer, and writing that buffer is the cost that matters (~0.15-0.2 ns/weight here, what
+a memcpy of the floats costs). With this layout ONE ufunc call decodes a whole tile:
+``bitwise_and(words, masks, out=f32 buf, casting='unsafe')`` with ``masks[k] = (2**b - 1) <<
+(k*b)`` broadcast over slots writes ``c * 2**(k*b)`` (exact in float32) as ``(per, G, gs,
+Tp)``; the power of two is folded into ``d'`` (exact both ways, so ``d'*c'`` rounds like
+``d*c``). No shift pass, no interleave, no int8 copy of 4-bit weights. Then
 
-* matvec: one batched BLAS call ``x(G,1,gs) @ buf(per,G,gs,Tp)`` gives the per-group partial
-  dots ``P(G, T)``, and one ``einsum('gt,gt->t', scales[i], [P; S])`` with ``S[g] = sum_j
-  x[g,j]`` applies ``d'`` and ``m``. Three numpy calls per tile, buffers preallocated per thread.
-* matmul (prefill): the same decode writes straight into a ``(K, T)`` float32 tile (the
-  ``Tp``-long slot runs stay contiguous), one broadcast multiply applies ``d'``, one sgemm
-  ``X @ W`` and a small ``(X summed per group) @ m`` finish it.
+* matvec: per tile one batched BLAS call ``x(G,1,gs) @ buf(per,G,gs,Tp)`` -> per-group dots
+  ``P``; per call one ``einsum('ikgt,ikgt->ikt', d', P)`` and, for min/offset types, one
+  ``s @ a`` with ``s[g] = sum_j x[g, j]`` and ``a = m`` (or ``a = d'`` with ``s`` times
+  ``-offset * 2**(k*b)``). 0.25-0.3 ns/weight, ~20 us fixed per call.
+* matmul (prefill, n >= _GEMM_MIN_N): decode one slot's column chunk straight into a
+  ``(K [+ G], C)`` float32 matrix, multiply by ``d'``, put ``m`` (or ``-offset*d``) in the
+  extra G rows, and one sgemm with x extended by its per-group sums does the rest.
+  Smaller n decode each tile once and reuse the matvec scheme with n right-hand sides.
 
-Tiles hold ~``_TILE_WEIGHTS`` weights so per-call overhead stays small; their rows are fixed at
-load, so the result of a row never depends on the thread count (threads take whole tiles).
-Float types (F32/F16/BF16) keep their own bytes; F16/BF16 are widened per tile with integer
-bit operations (numpy's float16 cast runs at ~0.3 G/s, far too slow).
+Tile rows are fixed at load and threads take whole tiles, so a row's result never depends on
+the thread count. Float types keep their own bytes; F16/BF16 are widened per tile with integer
+bit operations (numpy's float16 cast runs at ~0.3 G/s, far too slow), F32 goes straight to
+BLAS.
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ QT = GGMLQuantizationType
 _F32 = np.float32
 
 # Weights per tile: the float32 decode buffer is 4x this many bytes per thread. Measured on
-# the 2-core EPYC (L2 1 MB): 0.5-1 M weights per tile are equally fast; smaller tiles lose to
-# per-call overhead (~3 numpy calls of 2-5 us each per tile).
+# the 2-core EPYC (L2 1 MB), SmolLM2 decode: 256K 22.9, 512K 24.4, 768K 25.3, 1M 25.6,
+# 1.5M 25.1 tok/s; smaller tiles lose to per-call overhead (2-5 us per numpy call).
 _TILE_WEIGHTS = 3 << 18
-# Matrices at least this big get >= 2 tiles (an even count) so two threads can share them.
-_SPLIT_WEIGHTS = 1 << 17
+# Matrices at least this big get a tile count divisible by the thread count set at load.
+# Smaller ones stay on the calling thread: an executor round trip costs 25-50 us here, about
+# the time 150K weights take, and more when the other core is busy.
+_SPLIT_WEIGHTS = 1 << 19
 # matmul with fewer rows of x than this decodes tiles once and runs the matvec scheme on
 # all rows at once; from here on, dequantize and use sgemm (crossover measured at n=16-24).
 _GEMM_MIN_N = 16
@@ -302,8 +307,9 @@ def _tiling(rows: int, cols: int, align: int) -> tuple[int, int]:
 class QuantMatrix:
     """A weight matrix W of shape (rows, cols) kept quantized in memory. y = W @ x.
 
-    Rows are grouped into tiles fixed at load (sized for the thread count set then); threads
-    take whole tiles, so results are bit-identical whatever ``set_threads`` says later.
+    Rows are grouped into tiles fixed at load (cut for the thread count set then: call
+    ``set_threads`` before loading); threads take whole tiles, so results are bit-identical
+    whatever ``set_threads`` says later. Kernels may be called from several threads at once.
     """
 
     qtype: GGMLQuantizationType
@@ -314,9 +320,9 @@ class QuantMatrix:
         self.qtype, self.rows, self.cols = qtype, rows, cols
         self._T = tile
         self._nt = len(words)
-        self._words = words  # per tile: codes (K*Tp,) words, or (T, K) float rows
+        self._words = words  # (nt, K*Tp) code words, or (nt, T, K) float rows
         self._d = d  # (nt, per, G, Tp) float32 d * 2**-(slot*bits); None for float types
-        self._m = m  # (nt, per, G, Tp) float32, or None
+        self._m = m  # (nt, per, G, Tp) float32 for types with a min, else None
         c = self._codec = _CODECS.get(qtype)
         if c is not None:
             self._G = cols // c.gs
@@ -514,9 +520,10 @@ class QuantMatrix:
             self._undest(out, i, i + 1, y)
 
     def _gemm_tiles(self, xa, out, lo, hi):
-        """Prefill: dequantize a chunk of one row slot into a (K [+ G], C) float32 matrix and
-        run one sgemm. ``xa`` is x with, for types with m, the per-group sums of x appended,
-        so the m rows appended to the chunk add ``sum_g m*s`` inside the same sgemm."""
+        """Prefill: dequantize a column chunk of one row slot into a (K [+ G], C) float32
+        matrix and run one sgemm. For min/offset types ``xa`` is x with its per-group sums
+        appended (times -offset for offset types) and the chunk gets G extra rows (m, or d),
+        so the sgemm also adds ``sum_g m*s`` (or ``-offset * sum_g d*s``)."""
         c, G, T, Tp, K = self._codec, self._G, self._T, self._Tp, self.cols
         n, ka = xa.shape
         C = max(8, min(Tp, -(-_GEMM_CHUNK_WEIGHTS // K) // 8 * 8))

@@ -259,17 +259,21 @@ class Peer:
         """The model's all-reduce, called from the compute thread."""
         if self.size == 1:
             return x
-        return asyncio.run_coroutine_threadsafe(self.coll.allreduce(x), self._loop).result()
+        return self.coll.allreduce_sync(x)
 
     def _gather_sync(self, obj: Any) -> list[Any]:
         if self.size == 1:
             return [obj]
-        return asyncio.run_coroutine_threadsafe(self._gather_obj(obj), self._loop).result()
+        blob = np.frombuffer(msgpack.packb(obj, use_bin_type=True), np.uint8)
+        return [_unpack(p) for p in self.coll.allgather_sync(blob)]
 
     async def _gather_obj(self, obj: Any) -> list[Any]:
         """All-gather of small msgpack-able objects, in rank order."""
         if self.size == 1:
             return [obj]
         blob = np.frombuffer(msgpack.packb(obj, use_bin_type=True), np.uint8)
-        parts = await self.coll.allgather(blob)
-        return [msgpack.unpackb(np.asarray(p, np.uint8).tobytes(), raw=False, strict_map_key=False) for p in parts]
+        return [_unpack(p) for p in await self.coll.allgather(blob)]
+
+
+def _unpack(part: np.ndarray) -> Any:
+    return msgpack.unpackb(np.asarray(part, np.uint8).tobytes(), raw=False, strict_map_key=False)

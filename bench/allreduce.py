@@ -10,8 +10,9 @@ all-reduce in microseconds, measured on rank 0 over back-to-back calls after a w
 size); ``load`` is the 1-minute load average when the line was written.
 ``--algo exchange,ring`` forces each algorithm (to measure the crossover); ``--threadsafe``
 also times calls made from a worker thread, as the model's compute thread makes them, through
-``asyncio.run_coroutine_threadsafe`` (``threadsafe_median_us``) and through
-``Collectives.allreduce_sync`` (``sync_median_us``).  The peers pin nothing: with P > cores they oversubscribe.
+``asyncio.run_coroutine_threadsafe`` (``threadsafe_median_us``), through
+``Collectives.allreduce_sync`` (``sync_median_us``), and through ``allreduce_sync`` with the
+links lent to the thread (``lent_median_us``, see ``Collectives.lend_to_thread``).  The peers pin nothing: with P > cores they oversubscribe.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ async def _peer_main(rank: int, size: int, sock: socket.socket, ports: list[int]
                 samples: dict[int, list[float]] = {n: [] for n in args.sizes}
                 threadsafe: dict[int, list[float]] = {n: [] for n in args.sizes}
                 sync: dict[int, list[float]] = {n: [] for n in args.sizes}
+                lent: dict[int, list[float]] = {n: [] for n in args.sizes}
                 # Rounds interleave the sizes so that interference from other processes on the
                 # box is spread over all of them rather than spoiling one.
                 for _ in range(args.rounds):
@@ -80,6 +82,11 @@ async def _peer_main(rank: int, size: int, sock: socket.socket, ports: list[int]
                         if args.threadsafe and n <= 65536:
                             threadsafe[n] += await _threadsafe(loop, coll, x, iters, False)
                             sync[n] += await _threadsafe(loop, coll, x, iters, True)
+                            await coll.lend_to_thread()
+                            try:
+                                lent[n] += await _threadsafe(loop, coll, x, iters, True)
+                            finally:
+                                coll.take_back()
                 for n in args.sizes:
                     med, p99 = _stats(samples[n])
                     rec = {"loop": args.loop_name, "P": size, "wire": wire,
@@ -89,6 +96,7 @@ async def _peer_main(rank: int, size: int, sock: socket.socket, ports: list[int]
                     if threadsafe[n]:
                         rec["threadsafe_median_us"] = round(_stats(threadsafe[n])[0], 1)
                         rec["sync_median_us"] = round(_stats(sync[n])[0], 1)
+                        rec["lent_median_us"] = round(_stats(lent[n])[0], 1)
                     rec["load"] = round(os.getloadavg()[0], 2)
                     if rank == 0:
                         out.put(json.dumps(rec))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -316,5 +317,59 @@ async def test_tcp_peer_loss_is_named_and_fast():
         *(c.allreduce(np.ones(10, np.float32)) for c in colls[:2]), return_exceptions=True), 5)
     assert all(isinstance(e, PeerLostError) for e in results), results
     assert "rank 2" in results[1].peer  # rank 1's successor
+    for ring in rings:
+        ring.close()
+
+
+# -- links lent to worker threads ------------------------------------------------------------------
+@pytest.mark.parametrize("p", [1, 2, 3])
+async def test_lent_links_run_collectives_in_worker_threads(p):
+    rings = await tcp_ring(p, recv_timeout=5) if p > 1 else memory_ring(1)
+    colls = [Collectives(r, p, rings[r], "f32", chunk_elems=1 << 12) for r in range(p)]
+    await run_all(colls, lambda r, c: c.allreduce(np.ones(3, np.float32)))  # some async traffic
+    rng = np.random.default_rng(p)
+    inputs = {n: [rng.standard_normal(n).astype(np.float32) for _ in range(p)]
+              for n in (576, 50_000)}
+
+    def worker(r: int, c: Collectives):
+        outs = [c.allreduce_sync(inputs[n][r]) for n in (576, 50_000, 576)]
+        c.small_max_elems, saved = 16, c.small_max_elems  # force the ring algorithm
+        outs.append(c.allreduce_sync(inputs[50_000][r]))
+        c.small_max_elems = saved
+        outs.append(c.allgather_sync(np.arange(r + 2)))
+        outs.append(c.broadcast_sync(inputs[576][0] if r == 0 else None, 0))
+        return outs
+
+    for c in colls:
+        await c.lend_to_thread()
+    if p > 1:
+        with pytest.raises(LocalProtocolError, match="lent to a worker thread"):
+            await colls[0].allreduce(np.ones(3, np.float32))
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(*(asyncio.to_thread(worker, r, c) for r, c in enumerate(colls)))
+    for c in colls:
+        c.take_back()
+    for k, n in enumerate((576, 50_000, 576)):
+        check_allreduce([res[k] for res in results], inputs[n], "f32", "exchange")
+    check_allreduce([res[3] for res in results], inputs[50_000], "f32", "ring")
+    assert all([g.tolist() for g in res[4]] == [list(range(r + 2)) for r in range(p)] for res in results)
+    assert all(np.array_equal(res[5], inputs[576][0]) for res in results)
+    # Back on the event loop, the links still work.
+    outs = await run_all(colls, lambda r, c: c.allreduce(inputs[576][r]))
+    check_allreduce(outs, inputs[576], "f32", "exchange")
+    for ring in rings:
+        ring.close()
+
+
+async def test_lent_link_loss_raises_in_thread_and_fails_link():
+    rings = await tcp_ring(2, recv_timeout=0.5)
+    colls = [Collectives(r, 2, rings[r]) for r in range(2)]
+    await colls[0].lend_to_thread()
+    t0 = time.monotonic()
+    with pytest.raises(PeerLostError, match="no frame within 0.5 s") as info:
+        await asyncio.wait_for(asyncio.to_thread(colls[0].allreduce_sync, np.ones(4, np.float32)), 5)
+    assert time.monotonic() - t0 < 3 and info.value.peer.startswith("rank 1")
+    colls[0].take_back()
+    assert isinstance(rings[0].prev.error, PeerLostError)
     for ring in rings:
         ring.close()

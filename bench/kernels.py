@@ -45,12 +45,16 @@ def random_raw(qtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndar
     return b.reshape(rows, -1)
 
 
-def measure(cases, rounds: int, budget_s: float) -> dict:
-    """cases: key -> (fn, weights). Interleaves all cases ``rounds`` times; min per-call seconds."""
+def measure(cases, rounds: int, budget_s: float, pause_s: float = 0.0) -> dict:
+    """cases: key -> (fn, weights). Interleaves all cases ``rounds`` times; min per-call seconds.
+
+    ``pause_s`` sleeps between rounds so the samples span quiet and busy phases of the host.
+    """
     best = {k: float("inf") for k in cases}
     for k, (fn, _) in cases.items():  # warm up buffers and thread pool
         fn()
     for _ in range(rounds):
+        time.sleep(pause_s)
         for k, (fn, w) in cases.items():
             reps = max(1, int(budget_s / max(w * 0.3e-9, 1e-6)))
             t = time.perf_counter()
@@ -62,8 +66,9 @@ def measure(cases, rounds: int, budget_s: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--budget", type=float, default=0.01, help="seconds per timing sample")
+    ap.add_argument("--pause", type=float, default=0.1, help="seconds between rounds")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prefill-n", type=int, default=128)
     ap.add_argument("--all-types", action="store_true")
@@ -94,7 +99,8 @@ def main() -> None:
                 mm[(name, "matmul", threads)] = (lambda m=m, X=X: m.matmul(X), w * n)
         # decode and prefill kernels are timed apart: sgemm-heavy prefill samples slow the
         # matvec samples that follow them (clock/cache effects), which a decode never sees.
-        best = measure(mv, args.rounds, args.budget) | measure(mm, args.rounds, args.budget)
+        best = (measure(mv, args.rounds, args.budget, args.pause)
+                | measure(mm, args.rounds, args.budget, args.pause))
         for (name, op, th), s in best.items():
             m = built[name]
             print(json.dumps({

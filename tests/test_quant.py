@@ -166,9 +166,12 @@ def test_against_gguf(case, n, monkeypatch_tiles):
 @pytest.fixture
 def monkeypatch_tiles(monkeypatch):
     """Shrink tiles so small matrices run the multi-tile and padded-last-tile paths."""
+    default = quant._TILE_WEIGHTS, quant._GEMM_CHUNK_WEIGHTS
+
     def apply(small: bool):
-        monkeypatch.setattr(quant, "_TILE_WEIGHTS", 4096 if small else 3 << 18)
-        monkeypatch.setattr(quant, "_GEMM_CHUNK_WEIGHTS", 2048 if small else 3 << 16)
+        tile, chunk = (4096, 2048) if small else default
+        monkeypatch.setattr(quant, "_TILE_WEIGHTS", tile)
+        monkeypatch.setattr(quant, "_GEMM_CHUNK_WEIGHTS", chunk)
     return apply
 
 

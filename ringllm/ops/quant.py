@@ -46,8 +46,8 @@ Tp)``; the power of two is folded into ``d'`` (exact both ways, so ``d'*c'`` rou
   extra G rows, and one sgemm with x extended by its per-group sums does the rest.
   Smaller n decode each tile once and reuse the matvec scheme with n right-hand sides.
 
-Tile rows are fixed at load and threads take whole tiles, so a row's result never depends on
-the thread count. Float types keep their own bytes; F16/BF16 are widened per tile with integer
+Tiles and chunks of tiles are fixed at load; threads claim whole chunks as they get a core,
+so a row's result never depends on which thread or how many computed it. Float types keep their own bytes; F16/BF16 are widened per tile with integer
 bit operations (numpy's float16 cast runs at ~0.3 G/s, far too slow), F32 goes straight to
 BLAS.
 """
@@ -81,6 +81,8 @@ _SPLIT_WEIGHTS = 1 << 19
 _GEMM_MIN_N = 16
 # matvec applies the scales to at most this many per-group partial sums at once.
 _P_FLOATS = 1 << 18
+# With threads, chunks of tiles are claimed dynamically: aim for this many per thread.
+_CHUNKS_PER_THREAD = 4
 # Prefill dequantizes this many weights at a time (at most a row slot). Measured, 128 tokens:
 # 96K 58, 192K 61, 384K 65, 768K 64 GFlop/s (pure sgemm on float32 weights: 69).
 _GEMM_CHUNK_WEIGHTS = 3 << 17
@@ -247,10 +249,11 @@ _local = threading.local()
 
 
 def set_threads(n: int) -> None:
-    """Run kernels on ``n`` threads: the caller plus ``n - 1`` pool workers taking whole tiles.
-
-    Results do not depend on ``n``. BLAS must be single-threaded (the caller pins it with
-    threadpoolctl); numpy releases the GIL inside the heavy calls.
+    """Run kernels on ``n`` threads: the caller plus ``n - 1`` pool workers claiming chunks of
+    tiles. Call it before loading matrices: tiles and chunks are cut for the thread count at
+    load (a matrix loaded single-threaded stays one chunk). Results do not depend on ``n``.
+    BLAS must be single-threaded (the caller pins it with threadpoolctl); numpy releases the
+    GIL inside the heavy calls. Not to be called while kernels run.
     """
     global _pool, _nthreads
     if n < 1:
@@ -262,19 +265,32 @@ def set_threads(n: int) -> None:
         old.shutdown(wait=True)
 
 
-def _run_tiles(nt: int, work: Callable[[int, int], None]) -> None:
-    """Call work(lo, hi) on contiguous tile ranges, one per thread (the caller takes the first)."""
-    pool, n = _pool, min(_nthreads, nt)
-    if pool is None or n <= 1:
-        work(0, nt)
+def _run_chunks(chunks: list[tuple[int, int]], work: Callable[[int, int], None]) -> None:
+    """Call work(lo, hi) once per tile chunk, on the caller and up to n - 1 pool workers.
+
+    Threads claim chunks from a shared iterator (handing out one item is atomic under the
+    GIL), so a worker that is late to get a core just does less, and one that never started
+    is cancelled instead of waited for. Chunks are fixed per matrix, so results are the same
+    whoever computes them.
+    """
+    pool = _pool
+    if pool is None or len(chunks) <= 1:
+        for lo, hi in chunks:
+            work(lo, hi)
         return
-    cuts = [nt * k // n for k in range(n + 1)]
-    futs = [pool.submit(work, cuts[k], cuts[k + 1]) for k in range(1, n)]
+    todo = iter(chunks)
+
+    def drain():
+        for lo, hi in todo:
+            work(lo, hi)
+
+    futs = [pool.submit(drain) for _ in range(min(_nthreads, len(chunks)) - 1)]
     try:
-        work(cuts[0], cuts[1])
+        drain()
     finally:
         for f in futs:
-            f.result()
+            if not f.cancel():
+                f.result()
 
 
 def _scratch(name: str, n: int, dtype=_F32) -> np.ndarray:
@@ -325,6 +341,12 @@ class QuantMatrix:
         self._d = d  # (nt, per, G, Tp) float32 d * 2**-(slot*bits); None for float types
         self._m = m  # (nt, per, G, Tp) float32 for types with a min, else None
         c = self._codec = _CODECS.get(qtype)
+        # Units of work: ranges of tiles, fixed here (one einsum each in matvec).
+        per_chunk = -(-self._nt // (_CHUNKS_PER_THREAD * _nthreads)) if _nthreads > 1 else self._nt
+        if c is not None:
+            per_chunk = min(per_chunk, max(1, _P_FLOATS // (cols // c.gs * tile)))
+        self._chunks = [(lo, min(self._nt, lo + per_chunk))
+                        for lo in range(0, self._nt, per_chunk)]
         if c is not None:
             self._G = cols // c.gs
             self._Tp = tile // c.per
@@ -429,7 +451,7 @@ class QuantMatrix:
                 s = np.add.reduce(x.reshape(self._G, -1), axis=1)
                 s = s[None] if self._m is not None else s * self._sk  # (1 | per, 1, G)
             work = lambda lo, hi: self._matvec_tiles(x, s, out, lo, hi)
-        _run_tiles(self._nt, work)
+        _run_chunks(self._chunks, work)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -453,7 +475,7 @@ class QuantMatrix:
                 s0 = 1 if self._m is not None else -self._codec.offset
                 xa = x if xs is None else np.concatenate([x, s0 * xs], axis=1)
                 work = lambda lo, hi: self._gemm_tiles(xa, out, lo, hi)
-        _run_tiles(self._nt, work)
+        _run_chunks(self._chunks, work)
         return out
 
     def _dest(self, out: np.ndarray, lo: int, hi: int, name: str) -> np.ndarray:
@@ -482,22 +504,19 @@ class QuantMatrix:
         buf = _scratch("buf", self.cols * T).reshape(c.per, self.cols, Tp)
         bv = buf.reshape(c.per, G, c.gs, Tp)
         x3 = x.reshape(G, 1, c.gs)
-        step = max(1, _P_FLOATS // (G * T))  # tiles per einsum, bounds the p scratch
-        for lo1 in range(lo, hi, step):
-            hi1 = min(hi, lo1 + step)
-            nb = hi1 - lo1
-            p = _scratch("p", nb * T * G).reshape(nb, c.per, G, 1, Tp)
-            for i in range(lo1, hi1):
-                self._decode(i, buf)
-                np.matmul(x3, bv, out=p[i - lo1])  # p[k, g, 0, t] = sum_j x[g, j] c'[g, j, k, t]
-            y = self._dest(out, lo1, hi1, "y")
-            yk = y.reshape(nb, c.per, Tp)
-            np.einsum("ikgt,ikgt->ikt", self._d[lo1:hi1], p[:, :, :, 0, :], out=yk)
-            if s is not None:  # + sum_g a[g, t] * s[g]
-                t = _scratch("t", nb * T).reshape(nb, c.per, 1, Tp)
-                np.matmul(s, self._a[lo1:hi1], out=t)
-                yk += t[:, :, 0]
-            self._undest(out, lo1, hi1, y)
+        nb = hi - lo  # one chunk: nb * G * T <= _P_FLOATS (or one tile)
+        p = _scratch("p", nb * T * G).reshape(nb, c.per, G, 1, Tp)
+        for i in range(lo, hi):
+            self._decode(i, buf)
+            np.matmul(x3, bv, out=p[i - lo])  # p[k, g, 0, t] = sum_j x[g, j] * c'[g, j, k, t]
+        y = self._dest(out, lo, hi, "y")
+        yk = y.reshape(nb, c.per, Tp)
+        np.einsum("ikgt,ikgt->ikt", self._d[lo:hi], p[:, :, :, 0, :], out=yk)
+        if s is not None:  # + sum_g a[g, t] * s[g]
+            t = _scratch("t", nb * T).reshape(nb, c.per, 1, Tp)
+            np.matmul(s, self._a[lo:hi], out=t)
+            yk += t[:, :, 0]
+        self._undest(out, lo, hi, y)
 
     def _batched_tiles(self, x3, xs, out, lo, hi):
         """Small n: the matvec scheme with n right-hand sides per group."""

@@ -42,7 +42,7 @@ from ringllm.model import Segment, Transformer
 from ringllm.ring.collectives import Collectives
 from ringllm.ring.links import RingLinks
 from ringllm.runtime import ModelInfo
-from ringllm.sampling import SamplingParams, choose
+from ringllm.sampling import SamplingParams, choose_batch
 
 log = logging.getLogger("ringllm.peer")
 
@@ -252,8 +252,8 @@ class Peer:
         logits = self.model.forward(segments)
         v0 = self.model.vocab_range[0]
         vocab = self.model.cfg.vocab_size
-        return [choose(logits[i], v0, vocab, r.seq.request.sampling, len(r.seq.ids), r.seq.history, self._gather_sync)
-                for i, r in enumerate(batch)]
+        return choose_batch(logits, v0, vocab, [r.seq.request.sampling for r in batch], [len(r.seq.ids) for r in batch],
+                            [r.seq.history for r in batch], self._gather_sync)
 
     def allreduce_sync(self, x: np.ndarray) -> np.ndarray:
         """The model's all-reduce, called from the compute thread."""

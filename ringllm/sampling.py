@@ -18,7 +18,7 @@ The rule (every peer applies it and so every peer picks the same token, with no 
 
 ``gather(obj) -> list`` is the all-gather of small Python objects (rank order); one peer
 passes ``lambda o: [o]``. Every peer must call :func:`choose` the same number of times with
-equal parameters (it makes 1 to 3 gathers a step, the same number on every peer).
+equal parameters (see :func:`choose_batch` for how many gathers it makes).
 """
 
 from __future__ import annotations
@@ -81,70 +81,107 @@ class Choice:
 def choose(logits: np.ndarray, vocab_offset: int, vocab_size: int, params: SamplingParams, step: int,
            history: Sequence[int], gather: Gather = single_gather) -> Choice:
     """Pick the next token from this peer's logit slice ``logits`` (ids vocab_offset + i)."""
-    raw = logits.astype(np.float32, copy=False)
-    lg = _penalized(raw, vocab_offset, params, history)
-    v0 = vocab_offset
-    want_lp = params.top_logprobs
-    local_lse = _logsumexp(raw)
-    top_raw = _top(raw, want_lp, v0) if want_lp else ([], [])
-
-    if params.greedy:
-        parts = gather((_best(lg, raw, v0), local_lse, top_raw))
-        token, token_logit = _argmax_pairs([p[0] for p in parts])
-    else:
-        token, token_logit, parts = _sample(lg, raw, v0, vocab_size, params, step, gather, local_lse, top_raw)
-
-    lse = _combine_lse([p[1] for p in parts])
-    logprob = float(token_logit - lse)
-    top: list[tuple[int, float]] = []
-    if want_lp:
-        vals = np.concatenate([np.asarray(p[2][0], np.float32) for p in parts])
-        ids = np.concatenate([np.asarray(p[2][1], np.int64) for p in parts])
-        order = np.lexsort((ids, -vals))[:want_lp]
-        top = [(int(ids[i]), float(vals[i] - lse)) for i in order]
-    return Choice(token, logprob, top)
+    return choose_batch(logits[None, :], vocab_offset, vocab_size, [params], [step], [history], gather)[0]
 
 
-def _sample(lg: np.ndarray, raw: np.ndarray, v0: int, vocab_size: int, params: SamplingParams, step: int,
-            gather: Gather, local_lse: float, top_raw) -> tuple[int, float, list]:
-    """Filters as thresholds, then Gumbel-max: (token, its raw logit, the first gather's parts)."""
-    k = params.top_k if params.top_k > 0 else 0
-    need_list = k > 0 or params.top_p < 1.0
-    m = k if k > 0 else 256
-    first = None
-    while True:
-        cand = _top(lg, m, v0) if need_list else ([], [])
-        parts = gather((cand, local_lse, top_raw, _logsumexp(lg), float(lg.max()) if len(lg) else -np.inf))
-        first = first or parts
-        vals = np.concatenate([np.asarray(p[0][0], np.float32) for p in parts]) if need_list else np.zeros(0, np.float32)
-        vals = np.sort(vals)[::-1]
-        gmax = max(p[4] for p in parts)
-        tau = -np.inf
-        if k > 0 and len(vals) >= k:
-            tau = max(tau, float(vals[k - 1]))
-        if params.top_p < 1.0:
-            kept = vals if k == 0 else vals[:k]
-            norm = _combine_lse([p[3] for p in parts]) if k == 0 else _logsumexp(kept)
-            cum = np.cumsum(np.exp(kept.astype(np.float64) - norm))
-            hit = np.nonzero(cum >= params.top_p)[0]
-            # With top-k the list is complete; without it, the gathered prefix is exact only down
-            # to the highest "last value sent" among peers that had more to send.
-            bound = -np.inf
-            if k == 0:
-                truncated = [p[0][0][-1] for p in parts if len(p[0][0]) == m]
-                bound = max(truncated) if truncated else -np.inf
-            if len(hit) and kept[hit[0]] >= bound:
-                tau = max(tau, float(kept[hit[0]]))
-            elif k == 0 and bound > -np.inf:
-                m *= 4  # not enough candidates to find the nucleus yet: ask for more
-                continue
-        if params.min_p > 0.0:
-            tau = max(tau, gmax + math.log(params.min_p))
-        break
-    noise = _gumbel(params.seed, step, vocab_size)[v0 : v0 + len(lg)]
-    score = np.where(lg >= tau, lg / np.float32(params.temperature) + noise, -np.inf)
-    token, token_logit = _argmax_pairs(gather(_best(score, raw, v0)))
-    return token, token_logit, first
+def choose_batch(logits: np.ndarray, vocab_offset: int, vocab_size: int, params: Sequence[SamplingParams],
+                 steps: Sequence[int], histories: Sequence[Sequence[int]], gather: Gather = single_gather) -> list[Choice]:
+    """Pick one token for each row of ``logits`` (B, local_vocab), one sequence per row.
+
+    Gathers per call, whatever B is: one when every row is greedy, two otherwise (plus one
+    per growth of a top-p candidate list, which only top-p without top-k on a flat
+    distribution needs). Every peer makes the same gathers because each decision is taken
+    from gathered data.
+    """
+    v0, b = vocab_offset, len(params)
+    raws = [logits[i].astype(np.float32, copy=False) for i in range(b)]
+    lgs = [_penalized(raws[i], v0, params[i], histories[i]) for i in range(b)]
+    sizes = [p.top_k if p.top_k > 0 else 256 for p in params]
+
+    def summary(i: int) -> tuple:
+        p, lg = params[i], lgs[i]
+        need_list = not p.greedy and (p.top_k > 0 or p.top_p < 1.0)
+        return (_best(lg, raws[i], v0) if p.greedy else None,
+                _logsumexp(raws[i]),
+                _top(raws[i], p.top_logprobs, v0) if p.top_logprobs else ([], []),
+                _top(lg, sizes[i], v0) if need_list else ([], []),
+                _logsumexp(lg),
+                float(lg.max()) if len(lg) else -math.inf)
+
+    gathered = gather([summary(i) for i in range(b)])
+    per_seq = [[list(rank_parts[i]) for rank_parts in gathered] for i in range(b)]
+
+    sampled = [i for i in range(b) if not params[i].greedy]
+    taus: dict[int, float] = {}
+    pending = sampled
+    while pending:
+        retry = []
+        for i in pending:
+            tau = _threshold(per_seq[i], params[i], sizes[i])
+            if tau is None:
+                sizes[i] *= 4  # not enough candidates to find the nucleus yet
+                retry.append(i)
+            else:
+                taus[i] = tau
+        if retry:
+            more = gather([_top(lgs[i], sizes[i], v0) for i in retry])
+            for j, i in enumerate(retry):
+                for r, rank_parts in enumerate(more):
+                    per_seq[i][r][3] = rank_parts[j]
+        pending = retry
+
+    winners: dict[int, tuple[int, float]] = {}
+    if sampled:
+        local = []
+        for i in sampled:
+            p = params[i]
+            noise = _gumbel(p.seed, steps[i], vocab_size)[v0 : v0 + len(lgs[i])]
+            score = np.where(lgs[i] >= taus[i], lgs[i] / np.float32(p.temperature) + noise, -np.inf)
+            local.append(_best(score, raws[i], v0))
+        for j, cands in enumerate(zip(*gather(local))):
+            winners[sampled[j]] = _argmax_pairs(list(cands))
+
+    out = []
+    for i in range(b):
+        parts = per_seq[i]
+        token, token_logit = winners[i] if i in winners else _argmax_pairs([q[0] for q in parts])
+        lse = _combine_lse([q[1] for q in parts])
+        top: list[tuple[int, float]] = []
+        if params[i].top_logprobs:
+            vals = np.concatenate([np.asarray(q[2][0], np.float32) for q in parts])
+            ids = np.concatenate([np.asarray(q[2][1], np.int64) for q in parts])
+            order = np.lexsort((ids, -vals))[: params[i].top_logprobs]
+            top = [(int(ids[k]), float(vals[k] - lse)) for k in order]
+        out.append(Choice(token, float(token_logit - lse), top))
+    return out
+
+
+def _threshold(parts: list[list], params: SamplingParams, m: int) -> float | None:
+    """The logit threshold of the top-k / top-p / min-p filters, or None if the gathered
+    candidate lists are too short to place the top-p cut exactly."""
+    k = params.top_k
+    vals = np.sort(np.concatenate([np.asarray(q[3][0], np.float32) for q in parts]))[::-1]
+    tau = -math.inf
+    if k > 0 and len(vals) >= k:
+        tau = max(tau, float(vals[k - 1]))
+    if params.top_p < 1.0:
+        kept = vals if k == 0 else vals[:k]
+        norm = _combine_lse([q[4] for q in parts]) if k == 0 else _logsumexp(kept)
+        cum = np.cumsum(np.exp(kept.astype(np.float64) - norm))
+        hit = np.nonzero(cum >= params.top_p)[0]
+        # With top-k the lists are complete; without it the merged prefix is exact only down
+        # to the highest "last value sent" among peers that had more to send.
+        bound = -math.inf
+        if k == 0:
+            truncated = [q[3][0][-1] for q in parts if len(q[3][0]) == m]
+            bound = max(truncated) if truncated else -math.inf
+        if len(hit) and kept[hit[0]] >= bound:
+            tau = max(tau, float(kept[hit[0]]))
+        elif k == 0 and bound > -math.inf:
+            return None
+    if params.min_p > 0.0:
+        tau = max(tau, max(q[5] for q in parts) + math.log(params.min_p))
+    return tau
 
 
 def _gumbel(seed: int, step: int, n: int) -> np.ndarray:

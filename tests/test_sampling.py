@@ -122,3 +122,53 @@ def test_top_p_nucleus_larger_than_first_gather_matches_single_peer():
     for s in range(5):
         single = choose(logits, 0, len(logits), p, s, []).token
         assert {c.token for c in sharded_choose(logits, [1, 2, 1], p, s, [])} == {single}
+
+
+def sharded_choose_batch(logits, weights, params, steps, histories):
+    from ringllm.sampling import choose_batch
+
+    ranges = apportion(logits.shape[1], weights)
+    g = ThreadGather(len(ranges))
+    results = [None] * len(ranges)
+
+    def run(rank):
+        lo, hi = ranges[rank]
+        results[rank] = choose_batch(logits[:, lo:hi], lo, logits.shape[1], params, steps, histories, g.for_rank(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(ranges))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+@settings(max_examples=30, deadline=None)
+@given(params=st.lists(params_st, min_size=1, max_size=6), weights=st.lists(st.floats(0.5, 3), min_size=1, max_size=4),
+       seed=st.integers(0, 2**32 - 1))
+def test_batched_choice_equals_one_by_one_and_across_peers(params, weights, seed):
+    rng = np.random.default_rng(seed)
+    vocab = 300
+    logits = (rng.standard_normal((len(params), vocab)) * 3).astype(np.float32)
+    steps = list(rng.integers(0, 100, len(params)))
+    histories = [list(rng.integers(0, vocab, 5)) for _ in params]
+    one_by_one = [choose(logits[i], 0, vocab, p, steps[i], histories[i]).token for i, p in enumerate(params)]
+    for peer_result in sharded_choose_batch(logits, weights, params, steps, histories):
+        assert [c.token for c in peer_result] == one_by_one
+
+
+def test_batched_greedy_makes_one_gather():
+    from ringllm.sampling import choose_batch
+
+    calls = []
+
+    def gather(obj):
+        calls.append(obj)
+        return [obj]
+
+    logits = np.random.default_rng(0).standard_normal((8, 100)).astype(np.float32)
+    choose_batch(logits, 0, 100, [SamplingParams(temperature=0)] * 8, [0] * 8, [[]] * 8, gather)
+    assert len(calls) == 1
+    calls.clear()
+    choose_batch(logits, 0, 100, [SamplingParams(temperature=0.7, seed=i) for i in range(8)], [0] * 8, [[]] * 8, gather)
+    assert len(calls) == 2

@@ -67,10 +67,11 @@ CHUNK_ELEMS = 1 << 17
 BCAST_CHUNK_BYTES = 1 << 18
 MAX_BCAST_BYTES = 1 << 36  # refuse to allocate more for a broadcast a peer announces
 # uvloop keeps a reference to a written buffer it could not send at once (asyncio copies it),
-# so a caller's array may still be in flight after a collective returns.  Payloads up to this
-# size are copied by the link anyway (joined with their header); larger caller-owned payloads
-# are copied here unless the algorithm guarantees delivery before returning (the ring's
-# reduce-scatter: our last frame in depends on the successor having read all of ours).
+# so a caller's array could still be in flight after a collective returns.  Payloads up to
+# this size are copied by the link anyway (joined with their header).  A call that sent a
+# larger caller-owned buffer flushes its links before returning, unless the algorithm already
+# guarantees delivery (the ring's reduce-scatter: our last frame in depends on the successor
+# having read all of ours).  Flushing is usually free: by then the peers have read our data.
 BORROW_MAX = 64 * 1024
 
 
@@ -180,6 +181,7 @@ class Collectives:
         self._broken: BaseException | None = None
         self._busy = False
         self._lent: RingLinks | None = None  # the loop's links while lent to a thread
+        self._borrowed = False  # this call sent caller memory: flush before returning
         self._driving = False
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -213,13 +215,14 @@ class Collectives:
         self.seq += 1
         try:
             out = await self._allreduce_exchange(x, n)
-            if self._must_drain():
+            if self._must_drain() or self._borrowed:
                 await self._drain()
         except BaseException as exc:
             self._broken = exc
             raise
         finally:
             self._busy = False
+            self._borrowed = False
         return out
 
     async def allgather(self, x: np.ndarray) -> list[np.ndarray]:
@@ -367,10 +370,18 @@ class Collectives:
         return bool((nxt is not None and nxt.paused) or (prv is not None and prv.paused))
 
     async def _drain(self) -> None:
-        # Only called when a send buffer is above its high-water mark.  Waiting there after our
-        # own receives are complete cannot deadlock: the peer we wait for is still receiving.
+        # Only called when a send buffer is above its high-water mark or holds a caller's
+        # buffer.  Waiting there after our own receives are complete cannot deadlock: the peer
+        # we wait for is still receiving.
+        borrowed, self._borrowed = self._borrowed, False
         for link in self.links.links:
-            await link.drain()
+            await (link.flush() if borrowed else link.drain())
+
+    def _borrow(self, buf: np.ndarray) -> np.ndarray:
+        """Note that ``buf`` (caller memory) is sent as it is; see BORROW_MAX."""
+        if buf.nbytes > BORROW_MAX:
+            self._borrowed = True
+        return buf
 
     async def _run(self, op: Callable[..., Any], *args: Any) -> Any:
         if self.loop is None:
@@ -382,7 +393,7 @@ class Collectives:
         self.seq += 1
         try:
             result = await op(*args)
-            if self._must_drain():
+            if self._must_drain() or self._borrowed:
                 await self._drain()
             return result
         except BaseException as exc:
@@ -390,6 +401,7 @@ class Collectives:
             raise
         finally:
             self._busy = False
+            self._borrowed = False
 
     async def _recv(self, link: Link, op: str, i: int) -> Frame:
         frame = await link.recv()
@@ -448,7 +460,7 @@ class Collectives:
         decode, nbytes = self._decode, self._nbytes(n)
         payload = x if f32 else self._encode(x)
         if f32 and x.nbytes > BORROW_MAX:
-            payload = x.copy()  # see BORROW_MAX
+            self._borrowed = True
         vals: list[Any] = [None] * p
         # The sender uses exactly what the others will decode (identity for f32).
         vals[r] = x.reshape(-1) if f32 else decode(payload, n)
@@ -551,7 +563,7 @@ class Collectives:
             parts[origin] = _array_from(link, frame)
 
         await self._exchange("ag", {"dt": x.dtype.str, "sh": list(x.shape)},
-                             _unborrowed(x.reshape(-1).view(np.uint8)), on_frame)
+                             self._borrow(x.reshape(-1).view(np.uint8)), on_frame)
         return parts  # type: ignore[return-value]
 
     async def _broadcast(self, x: np.ndarray | None, root: int) -> np.ndarray:
@@ -560,7 +572,7 @@ class Collectives:
         cw, ccw = self._hops()
         dist = (self.rank - root) % self.size
         if x is not None and self.rank == root:
-            raw = memoryview(_unborrowed(x.reshape(-1).view(np.uint8)))
+            raw = memoryview(self._borrow(x.reshape(-1).view(np.uint8)))
             nchunks = max(1, -(-len(raw) // BCAST_CHUNK_BYTES))
             for i in range(nchunks):
                 piece = raw[i * BCAST_CHUNK_BYTES:(i + 1) * BCAST_CHUNK_BYTES]
@@ -595,10 +607,6 @@ class Collectives:
                 break
             frame = await self._recv(src, "bc", i)
         return _array_from(src, Frame("coll", h, memoryview(buf)))
-
-
-def _unborrowed(buf: np.ndarray) -> np.ndarray:
-    return buf.copy() if buf.nbytes > BORROW_MAX else buf
 
 
 def _contiguous(x: Any, dtype: np.dtype | None = None) -> np.ndarray:

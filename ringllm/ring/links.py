@@ -5,6 +5,9 @@ inbox as bytes arrive, so a link never stops reading while its owner is busy wri
 flow-control deadlock when every peer of a ring writes at once), EOF is noticed at once even on
 an idle link, and ``ping`` frames are answered without the owner's help.
 
+A :class:`TcpLink` can be lent to a worker thread (:meth:`TcpLink.lend`): the thread then
+drives the socket itself through a :class:`BlockingLink`, with no event-loop round trip.
+
 Error contract of every link:
   * once a link fails (EOF, reset, ``recv`` timeout, silence past the keepalive limit, a ``bye``
     from the peer, or :meth:`Link.close`) it stays failed; ``recv`` first returns the frames that
@@ -25,14 +28,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ringllm.errors import HandshakeError, RingError, LocalProtocolError, PeerLostError, RemoteProtocolError
+from ringllm.errors import (
+    HandshakeError,
+    LocalProtocolError,
+    PeerLostError,
+    RemoteProtocolError,
+    RingError,
+)
 from ringllm.ring.handshake import HandshakeInfo, handshake
 from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
 __all__ = [
     "DEFAULT_RECV_TIMEOUT",
+    "BlockingLink",
     "Link",
     "MemoryLink",
+    "Pump",
     "RingLinks",
     "TcpLink",
     "memory_link_pair",
@@ -248,6 +259,10 @@ class Link:
     def paused(self) -> bool:
         """True while the send buffer is above its high-water mark (``drain`` would wait)."""
         return False
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every written byte has left our buffers (so payloads may be reused)."""
+        await self.drain()
 
     async def drain(self) -> None:
         """Wait until the transport's send buffer is below its high-water mark.
@@ -508,6 +523,9 @@ class BlockingLink:
     async def drain(self) -> None:
         if self.error is not None:
             raise self.error
+
+    async def flush(self, timeout: float | None = None) -> None:
+        await self.drain()  # sends complete before write() returns
 
     def _sendall(self, data: bytes | memoryview) -> None:
         view = memoryview(data)

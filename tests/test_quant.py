@@ -196,7 +196,7 @@ def test_threads_bit_identical(qtype):
     """Threads take whole tiles fixed at load, so every row is computed the same way."""
     quant.set_threads(2)  # tiling is chosen for the thread count at load
     rng = np.random.default_rng(7)
-    rows, cols = 1100, 512  # >= _SPLIT_WEIGHTS
+    rows, cols = 2100, 512  # >= _SPLIT_WEIGHTS
     m = quant.QuantMatrix.from_raw(qtype, make_raw(qtype, rows, cols, "random", rng), rows, cols)
     assert m._nt % 2 == 0  # the two threads really split it
     x = rng.standard_normal(cols).astype(np.float32)

@@ -73,9 +73,10 @@ _F32 = np.float32
 # 1.5M 25.1 tok/s; smaller tiles lose to per-call overhead (2-5 us per numpy call).
 _TILE_WEIGHTS = 3 << 18
 # Matrices at least this big get a tile count divisible by the thread count set at load.
-# Smaller ones stay on the calling thread: an executor round trip costs 25-50 us here, about
-# the time 150K weights take, and more when the other core is busy.
-_SPLIT_WEIGHTS = 1 << 19
+# Smaller ones stay on the calling thread: here a worker starts 30-80 us after the submit and
+# two threads slow each other (shared L3, GIL on the small calls), so splitting SmolLM2's
+# 0.5-0.9 M-weight matrices measured slower or even; the 28 M head runs 1.6x faster.
+_SPLIT_WEIGHTS = 1 << 20
 # matmul with fewer rows of x than this decodes tiles once and runs the matvec scheme on
 # all rows at once; from here on, dequantize and use sgemm (crossover measured at n=16-24).
 _GEMM_MIN_N = 16
@@ -446,11 +447,7 @@ class QuantMatrix:
         if self._codec is None:
             work = lambda lo, hi: self._float_tiles(x[None, :], out[None, :], lo, hi)
         else:
-            s = None
-            if self._a is not None:
-                s = np.add.reduce(x.reshape(self._G, -1), axis=1)
-                s = s[None] if self._m is not None else s * self._sk  # (1 | per, 1, G)
-            work = lambda lo, hi: self._matvec_tiles(x, s, out, lo, hi)
+            work = lambda lo, hi: self._matvec_tiles(x, out, lo, hi)
         _run_chunks(self._chunks, work)
         return out
 
@@ -499,7 +496,7 @@ class QuantMatrix:
         else:
             np.bitwise_and(w, self._masks, out=dst, casting="unsafe")
 
-    def _matvec_tiles(self, x, s, out, lo, hi):
+    def _matvec_tiles(self, x, out, lo, hi):
         c, G, T, Tp = self._codec, self._G, self._T, self._Tp
         buf = _scratch("buf", self.cols * T).reshape(c.per, self.cols, Tp)
         bv = buf.reshape(c.per, G, c.gs, Tp)
@@ -512,7 +509,9 @@ class QuantMatrix:
         y = self._dest(out, lo, hi, "y")
         yk = y.reshape(nb, c.per, Tp)
         np.einsum("ikgt,ikgt->ikt", self._d[lo:hi], p[:, :, :, 0, :], out=yk)
-        if s is not None:  # + sum_g a[g, t] * s[g]
+        if self._a is not None:  # + sum_g a[g, t] * s[g], s[g] = sum_j x[g, j] (* _sk)
+            s = np.add.reduce(x.reshape(G, c.gs), axis=1)
+            s = s[None] if self._m is not None else s * self._sk  # (1 | per, 1, G)
             t = _scratch("t", nb * T).reshape(nb, c.per, 1, Tp)
             np.matmul(s, self._a[lo:hi], out=t)
             yk += t[:, :, 0]

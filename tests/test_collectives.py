@@ -341,7 +341,7 @@ async def test_lent_links_run_collectives_in_worker_threads(p):
         return outs
 
     for c in colls:
-        await c.lend_to_thread()
+        assert await c.lend_to_thread()
     if p > 1:
         with pytest.raises(LocalProtocolError, match="lent to a worker thread"):
             await colls[0].allreduce(np.ones(3, np.float32))
@@ -373,3 +373,14 @@ async def test_lent_link_loss_raises_in_thread_and_fails_link():
     assert isinstance(rings[0].prev.error, PeerLostError)
     for ring in rings:
         ring.close()
+
+
+async def test_memory_links_are_not_lent_and_sync_calls_use_the_loop():
+    colls, _ = make(2)
+    assert [await c.lend_to_thread() for c in colls] == [False, False]
+    x = [np.full(5, r + 1, np.float32) for r in range(2)]
+    async with asyncio.timeout(10):
+        outs = await asyncio.gather(*(asyncio.to_thread(c.allreduce_sync, x[r]) for r, c in enumerate(colls)))
+    assert all(o.tolist() == [3.0] * 5 for o in outs)
+    for c in colls:
+        c.take_back()

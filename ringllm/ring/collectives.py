@@ -256,14 +256,16 @@ class Collectives:
         return await self._run(self._broadcast, x, root)
 
     # -- calls from a worker thread (the model's compute thread) ---------------------------
-    async def lend_to_thread(self) -> None:
+    async def lend_to_thread(self) -> bool:
         """Let a worker thread drive the ring's sockets itself until :meth:`take_back`.
 
         Call on the loop's thread between collectives (e.g. around a forward pass run in an
         executor).  While lent, ``*_sync`` calls run the collective entirely in the calling
         thread with blocking socket I/O: no event-loop round trip, so no thread wake-ups (the
         dominant cost of a small all-reduce made from a worker thread).  The async methods are
-        refused until ``take_back``.  Only TCP links can be lent.
+        refused until ``take_back``.  Only TCP links can be lent: with other links (in-memory
+        test rings) nothing is lent, ``*_sync`` keeps handing calls to the loop, and False is
+        returned.
         """
         if self._lent is not None:
             raise LocalProtocolError("the ring is already lent")
@@ -271,16 +273,25 @@ class Collectives:
             raise LocalProtocolError("cannot lend the ring during a collective")
         if self.size == 1:
             self._lent = self.links
-            return
+            return True
         links = self.links.links
         if not all(isinstance(link, TcpLink) for link in links):
-            raise LocalProtocolError("only TCP links can be lent to a thread")
+            return False
         for link in links:
             await link.flush()  # type: ignore[attr-defined]
         pump = Pump()
-        nxt, prv = (link.lend(pump) for link in links)  # type: ignore[attr-defined]
+        lent = []
+        try:
+            for link in links:
+                lent.append(link.lend(pump))  # type: ignore[attr-defined]
+        except BaseException:
+            for link in links[:len(lent)]:
+                link.take_back()  # type: ignore[attr-defined]
+            raise
+        nxt, prv = lent
         self._lent = self.links
         self.links = RingLinks(self.rank, self.size, nxt, prv)  # type: ignore[arg-type]
+        return True
 
     def take_back(self) -> None:
         """End :meth:`lend_to_thread` (loop thread, after the worker is done); idempotent."""

@@ -384,3 +384,35 @@ async def test_memory_links_are_not_lent_and_sync_calls_use_the_loop():
     assert all(o.tolist() == [3.0] * 5 for o in outs)
     for c in colls:
         c.take_back()
+
+
+def test_caller_buffer_reuse_is_safe_under_uvloop():
+    """uvloop sends a large buffer by reference; a caller that reuses its input as soon as the
+    all-reduce returns must not change what the peer receives."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        rings = await tcp_ring(2, recv_timeout=10)
+        for sock in (rings[0].next._transport.get_extra_info("socket"),
+                     rings[1].prev._transport.get_extra_info("socket")):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        # No flow-control pause: without a flush the call could return with x0 still queued.
+        rings[0].next._transport.set_write_buffer_limits(high=1 << 30)
+        colls = [Collectives(r, 2, rings[r]) for r in range(2)]
+        xs = [np.full(1 << 20, r + 1, np.float32) for r in range(2)]
+        rings[1].prev._transport.pause_reading()  # rank 1 is slow to read rank 0's vector
+        tasks = [asyncio.ensure_future(c.allreduce(x)) for c, x in zip(colls, xs)]
+        await asyncio.sleep(0.3)
+        if tasks[0].done():
+            xs[0][:] = 100  # reuse the buffer the moment the call has returned
+        rings[1].prev._transport.resume_reading()
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        for ring in rings:
+            ring.close()
+        return outs
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        outs = runner.run(main())
+    assert outs[0].tobytes() == outs[1].tobytes()
+    assert outs[0][0] == 3.0

@@ -77,26 +77,33 @@ class Segment:
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])
-    return x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)[:, None] * weight
+    """x (n, dim) * rsqrt(mean(x^2) + eps) * weight, in float32."""
+    ms = np.einsum("ij,ij->i", x, x)
+    ms *= np.float32(1.0 / x.shape[1])
+    ms += np.float32(eps)
+    np.sqrt(ms, out=ms)
+    return (x / ms[:, None]) * weight
 
 
-def rope_tables(positions: np.ndarray, rope_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape (n, rope_dim // 2) for GGML's NORM rope (adjacent pairs rotate)."""
-    inv_freq = theta ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
-    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+class Rope:
+    """GGML's NORM rope (adjacent pairs (x[2i], x[2i+1]) rotate by pos * theta^(-2i/d)).
 
+    A pair is one complex64 number, so rotation is one complex multiply by e^(i*angle), taken
+    from a table built once for every position (angles computed in float64).
+    """
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x (n, heads, head_dim): rotate pairs (x[2i], x[2i+1]) by the position's angle i."""
-    half = cos.shape[1]
-    out = x.copy()
-    even, odd = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out[..., 0 : 2 * half : 2] = even * c - odd * s
-    out[..., 1 : 2 * half : 2] = even * s + odd * c
-    return out
+    def __init__(self, rope_dim: int, theta: float, max_len: int) -> None:
+        inv_freq = theta ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+        ang = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+        self.table = np.exp(1j * ang).astype(np.complex64)  # (max_len, rope_dim // 2)
+        self.half = rope_dim // 2
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x (n, heads, head_dim) float32 -> rotated copy."""
+        out = np.array(x, dtype=np.float32, order="C")
+        z = out[..., : 2 * self.half].view(np.complex64)  # (n, heads, half): pairs as complex
+        z *= self.table[positions][:, None, :]
+        return out
 
 
 class Transformer:
@@ -110,6 +117,7 @@ class Transformer:
         self.max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
         self.vocab_range = weights.shard.vocab
         self._split_vocab = (self.vocab_range[1] - self.vocab_range[0]) != self.cfg.vocab_size
+        self.rope = Rope(self.cfg.rope_dim, self.cfg.rope_theta, self.max_len)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers, self.shard.n_kv_heads, self.cfg.head_dim, self.max_len)
@@ -126,17 +134,20 @@ class Transformer:
         c = self.cfg
         ids = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])
         positions = np.concatenate([np.arange(s.cache.length, s.cache.length + len(s.tokens)) for s in segments])
-        cos, sin = rope_tables(positions, c.rope_dim, c.rope_theta)
         x = self._embed(ids)  # (n, dim)
         for li, lw in enumerate(self.w.layers):
             h = rmsnorm(x, lw.attn_norm, c.rms_eps)
-            attn = self._attention(li, lw, h, segments, cos, sin)
+            attn = self._attention(li, lw, h, segments, positions)
             x = x + self.allreduce(lw.wo.partial(attn))
             h = rmsnorm(x, lw.ffn_norm, c.rms_eps)
             gu = lw.gate_up.matmul(h)
             f = gu.shape[1] // 2
             gate, up = gu[:, :f], gu[:, f:]
-            act = gate / (1.0 + np.exp(-gate)) * up  # SwiGLU: silu(gate) * up
+            act = np.negative(gate)  # SwiGLU: silu(gate) * up = gate / (1 + e^-gate) * up, in place
+            np.exp(act, out=act)
+            act += np.float32(1.0)
+            np.divide(gate, act, out=act)
+            act *= up
             x = x + self.allreduce(lw.down.partial(act))
         for seg in segments:
             seg.cache.length += len(seg.tokens)
@@ -158,8 +169,7 @@ class Transformer:
             x[mine] = self.w.embed.rows_f32(ids[mine] - v0)
         return self.allreduce(x)
 
-    def _attention(self, li: int, lw, h: np.ndarray, segments: Sequence[Segment],
-                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _attention(self, li: int, lw, h: np.ndarray, segments: Sequence[Segment], positions: np.ndarray) -> np.ndarray:
         """Attention over this peer's heads: (n, dim) -> (n, my_heads * head_dim)."""
         sh, hd = self.shard, self.cfg.head_dim
         nh, nkv, qpk = sh.n_heads, sh.n_kv_heads, sh.q_per_kv
@@ -167,25 +177,33 @@ class Transformer:
         if lw.qkv is None:
             return np.zeros((n, 0), np.float32)
         qkv = lw.qkv.matmul(h)
-        q = apply_rope(qkv[:, : nh * hd].reshape(n, nh, hd), cos, sin)
-        k = apply_rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd), cos, sin)
+        q = self.rope(qkv[:, : nh * hd].reshape(n, nh, hd), positions)
+        q *= np.float32(1.0 / np.sqrt(hd))  # the score scale, applied once to q
+        k = self.rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd), positions)
         v = qkv[:, (nh + nkv) * hd :].reshape(n, nkv, hd)
         out = np.empty((n, nh * hd), np.float32)
-        scale = np.float32(1.0 / np.sqrt(hd))
         start = 0
         for seg in segments:
             t = len(seg.tokens)
             p0 = seg.cache.length
-            K, V = seg.cache.k[li], seg.cache.v[li]
-            K[:, p0 : p0 + t] = k[start : start + t].transpose(1, 0, 2)
-            V[:, p0 : p0 + t] = v[start : start + t].transpose(1, 0, 2)
             L = p0 + t
+            K, V = seg.cache.k[li], seg.cache.v[li]
+            K[:, p0:L] = k[start : start + t].transpose(1, 0, 2)
+            V[:, p0:L] = v[start : start + t].transpose(1, 0, 2)
+            if t == 1:  # decode: one query per head, no mask, no reshuffles
+                scores = np.matmul(q[start].reshape(nkv, qpk, hd), K[:, :L].transpose(0, 2, 1))  # (nkv, qpk, L)
+                scores -= scores.max(axis=-1, keepdims=True)
+                np.exp(scores, out=scores)
+                scores /= scores.sum(axis=-1, keepdims=True)
+                out[start] = np.matmul(scores, V[:, :L]).reshape(-1)
+                start += 1
+                continue
             # (t, nh, hd) -> (nkv, qpk * t, hd): the query heads of a KV group share its keys.
             qs = q[start : start + t].reshape(t, nkv, qpk, hd).transpose(1, 2, 0, 3).reshape(nkv, qpk * t, hd)
-            scores = np.matmul(qs, K[:, :L].transpose(0, 2, 1)) * scale  # (nkv, qpk*t, L)
+            scores = np.matmul(qs, K[:, :L].transpose(0, 2, 1))  # (nkv, qpk*t, L)
             if t > 1:  # causal mask: query i (position p0+i) sees keys 0..p0+i
                 qpos = np.tile(np.arange(p0, L), qpk)
-                scores += np.where(np.arange(L)[None, :] > qpos[:, None], np.float32(-np.inf), np.float32(0))[None]
+                scores[:, np.arange(L)[None, :] > qpos[:, None]] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)

@@ -63,13 +63,26 @@ class _Running:
 
 @dataclass
 class PeerStats:
+    """Counters since start. ``sync_seconds`` is time spent waiting in collectives (the control
+    all-gather and the compute thread's all-reduces and gathers); ``compute_seconds`` is the
+    rest of the steps' time."""
+
     steps: int = 0
     tokens: int = 0
     requests: int = 0
-    compute_seconds: float = 0.0
+    step_seconds: float = 0.0
     sync_seconds: float = 0.0
     last_error: str | None = None
     started: float = field(default_factory=time.time)
+
+    @property
+    def compute_seconds(self) -> float:
+        return self.step_seconds - self.sync_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["compute_seconds"] = self.compute_seconds
+        return d
 
 
 def request_to_wire(r: Request) -> dict[str, Any]:
@@ -184,13 +197,14 @@ class Peer:
         self._news.clear()
         t0 = time.perf_counter()
         union = await self._gather_obj(news)
+        t1 = time.perf_counter()
         self._apply(union)
         if not self._running:
             return
         batch = list(self._running)
-        t1 = time.perf_counter()
         choices = await self._loop.run_in_executor(self._pool, self._compute, batch)
-        self.stats.compute_seconds += time.perf_counter() - t1
+        self.stats.step_seconds += time.perf_counter() - t0
+        self.stats.sync_seconds += t1 - t0
         self.stats.steps += 1
         for run, choice in zip(batch, choices):
             step = run.seq.accept(choice)
@@ -199,7 +213,6 @@ class Peer:
                 run.out.put_nowait(step)
             if step.finish_reason is not None:
                 self._finish(run)
-        self.stats.sync_seconds += t1 - t0
 
     async def _wait_for_work(self) -> None:
         """Idle: wait for local news or a neighbour starting a step (its frame arriving)."""
@@ -259,13 +272,19 @@ class Peer:
         """The model's all-reduce, called from the compute thread."""
         if self.size == 1:
             return x
-        return self.coll.allreduce_sync(x)
+        t = time.perf_counter()
+        out = self.coll.allreduce_sync(x)
+        self.stats.sync_seconds += time.perf_counter() - t  # only the compute thread writes here
+        return out
 
     def _gather_sync(self, obj: Any) -> list[Any]:
         if self.size == 1:
             return [obj]
+        t = time.perf_counter()
         blob = np.frombuffer(msgpack.packb(obj, use_bin_type=True), np.uint8)
-        return [_unpack(p) for p in self.coll.allgather_sync(blob)]
+        parts = self.coll.allgather_sync(blob)
+        self.stats.sync_seconds += time.perf_counter() - t
+        return [_unpack(p) for p in parts]
 
     async def _gather_obj(self, obj: Any) -> list[Any]:
         """All-gather of small msgpack-able objects, in rank order."""

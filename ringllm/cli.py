@@ -20,9 +20,14 @@ def _progress(msg: str) -> None:
     print(f"ringllm: {msg}", file=sys.stderr, flush=True)
 
 
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
+def add_generation_flags(p: argparse.ArgumentParser, *, prompt_optional: bool = False) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("prompt", help="the prompt (a user message unless --raw)")
+    if prompt_optional:
+        g.add_argument("prompt", nargs="?", default=None,
+                       help="the prompt (a user message unless --raw); read from stdin when omitted "
+                            "(with --chat: the first message, then one message per stdin line)")
+    else:
+        g.add_argument("prompt", help="the prompt (a user message unless --raw)")
     g.add_argument("--model", default=None, help="known model name or GGUF path (default: smollm2-135m)")
     g.add_argument("--raw", action="store_true", help="use the prompt as-is: no chat template, special tokens parsed")
     g.add_argument("--system", default=None, help="system message (chat mode)")
@@ -97,25 +102,151 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return run_peer(args)
 
 
+def _prompt_address(args: argparse.Namespace) -> str:
+    if args.peer is not None:
+        return args.peer
+    from ringllm.ring.config import load_ring
+
+    cfg = load_ring(args.ring)
+    p = cfg.peer(args.rank)
+    if args.api_key is None:
+        args.api_key = cfg.api_key
+    return f"{cfg.http_host if cfg.http_host not in ('0.0.0.0', '::') else p.host}:{p.http_port}"
+
+
 def cmd_prompt(args: argparse.Namespace) -> int:
+    """Stream one reply (or, with --chat, one per stdin line, keeping the history)."""
     import asyncio
 
+    address = _prompt_address(args)
+    if args.chat:
+        return asyncio.run(_chat_loop(args, address))
+    if args.prompt is None:
+        if sys.stdin.isatty():
+            _progress("reading the prompt from stdin (end it with Ctrl-D)")
+        args.prompt = sys.stdin.read()
+        if not args.prompt.strip():
+            raise RingError("no prompt: give it as an argument or on stdin")
+    return asyncio.run(_prompt_once(args, address))
+
+
+async def _prompt_once(args: argparse.Namespace, address: str) -> int:
     from ringllm.client import connect
     from ringllm.launch import _body_from_args
 
-    address = args.peer
-    if address is None:
+    async with connect(address, api_key=args.api_key) as client:
+        done = await client.complete(on_text=None if args.json else _stream, **_body_from_args(args))
+    return print_completion(args, done)
+
+
+def _chat_body(args: argparse.Namespace) -> dict:
+    from ringllm.launch import _body_from_args
+
+    body = _body_from_args(args)
+    for key in ("prompt", "raw", "system"):
+        body.pop(key, None)
+    return body
+
+
+async def _chat_loop(args: argparse.Namespace, address: str) -> int:
+    """--chat: every stdin line is a user message; replies stream to stdout, history is kept.
+
+    The line ``/reset`` forgets the history (the system message stays); end of input ends
+    the chat. With --json each turn prints one JSON object (one line).
+    """
+    import asyncio
+
+    from ringllm.client import connect
+
+    if args.raw:
+        raise RingError("--raw cannot be used with --chat (chat messages always use the chat template)")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
+    tty = sys.stdin.isatty()
+    pending = [args.prompt] if args.prompt else []
+    body = _chat_body(args)
+    async with connect(address, api_key=args.api_key) as client:
+        while True:
+            if pending:
+                line = pending.pop(0)
+            else:
+                if tty:
+                    print("> ", end="", file=sys.stderr, flush=True)
+                line = await asyncio.to_thread(sys.stdin.readline)  # the loop stays free meanwhile
+                if not line:
+                    break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.strip() == "/reset":
+                history = list(system)
+                _progress("history cleared")
+                continue
+            history.append({"role": "user", "content": line})
+            done = await client.complete(messages=history, on_text=None if args.json else _stream, **body)
+            history.append({"role": "assistant", "content": done.text})
+            print_completion(args, done)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask every peer's /health and print one row per peer; exit 1 if any peer is not up."""
+    import asyncio
+
+    from ringllm.client import ring_health
+
+    if args.ring:
         from ringllm.ring.config import load_ring
 
         cfg = load_ring(args.ring)
-        p = cfg.peer(args.rank)
-        address = f"{cfg.http_host if cfg.http_host not in ('0.0.0.0', '::') else p.host}:{p.http_port}"
+        targets = [(p.rank, f"{p.host}:{p.http_port}") for p in cfg.peers]
+        loopback_only = cfg.http_host in ("127.0.0.1", "localhost", "::1")
+    else:
+        targets = [(None, a) for a in args.peer]
+        loopback_only = False
+    healths = asyncio.run(ring_health([a for _, a in targets], timeout=args.timeout))
+    rows = [_status_row(rank, addr, h, loopback_only) for (rank, addr), h in zip(targets, healths)]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        sys.stdout.write(_status_table(rows))
+    return 0 if all(r["state"] == "up" for r in rows) else 1
 
-    async def go():
-        async with connect(address, api_key=args.api_key) as client:
-            return await client.complete(on_text=None if args.json else _stream, **_body_from_args(args))
 
-    return print_completion(args, asyncio.run(go()))
+def _status_row(rank: int | None, address: str, h: dict, loopback_only: bool) -> dict:
+    """One peer's row: state "up", "failed" (answers, but its ring broke) or "down" (no answer)."""
+    if "error" in h and "status" not in h:
+        err = h["error"]
+        host = address.rpartition(":")[0]
+        if loopback_only and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            err += " (the ring's [http] host is loopback-only, so this peer answers only on its own machine)"
+        return {"rank": rank, "address": address, "state": "down", "last_error": err}
+    shard, mem = h.get("shard") or {}, h.get("memory") or {}
+    return {"rank": h.get("rank", rank), "address": address, "state": "up" if h.get("status") == "ok" else "failed",
+            "size": h.get("size"), "share": shard.get("share"), "kv_heads": shard.get("kv_heads"),
+            "ffn": shard.get("ffn"), "vocab": shard.get("vocab"), "weights_bytes": mem.get("weights_bytes"),
+            "kv_cache_bytes": mem.get("kv_cache_bytes"), "rss_bytes": mem.get("rss_bytes"),
+            "running": h.get("running"), "queue": h.get("queue"), "last_error": h.get("last_error")}
+
+
+def _status_table(rows: list[dict]) -> str:
+    def mb(x) -> str:
+        return "-" if x is None else f"{x / 2**20:.1f}M"
+
+    def rng(r) -> str:
+        return "-" if not r else f"{r[0]}-{r[1]}"
+
+    head = ("RANK", "ADDRESS", "STATE", "SHARE", "KV HEADS", "FFN ROWS", "WEIGHTS", "KV CACHE", "RSS", "RUN", "QUEUE",
+            "LAST ERROR")
+    table = [head]
+    for r in rows:
+        table.append(("-" if r["rank"] is None else str(r["rank"]), r["address"], r["state"],
+                      "-" if r.get("share") is None else f"{100 * r['share']:.0f}%", rng(r.get("kv_heads")),
+                      rng(r.get("ffn")), mb(r.get("weights_bytes")), mb(r.get("kv_cache_bytes")), mb(r.get("rss_bytes")),
+                      "-" if r.get("running") is None else str(r["running"]),
+                      "-" if r.get("queue") is None else str(r["queue"]), r.get("last_error") or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] + "\n" for row in table)
 
 
 def cmd_ring_init(args: argparse.Namespace) -> int:
@@ -158,9 +289,20 @@ def make_parser() -> argparse.ArgumentParser:
     where.add_argument("--peer", help="the peer's HTTP address host:port")
     where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
     pr.add_argument("--rank", type=int, default=0)
-    pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"))
-    add_generation_flags(pr)
+    pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
+                    help="bearer key when the ring sets [http] api_key (default: $RINGLLM_API_KEY, or ring.toml's)")
+    pr.add_argument("--chat", action="store_true",
+                    help="interactive chat: each stdin line is a user message; the history is kept")
+    add_generation_flags(pr, prompt_optional=True)
     pr.set_defaults(func=cmd_prompt)
+
+    st = sub.add_parser("status", help="show every peer of a ring: up/down, rank, shard, memory, queue, last error")
+    st_where = st.add_mutually_exclusive_group(required=True)
+    st_where.add_argument("--ring", help="ring.toml: ask every peer it lists")
+    st_where.add_argument("--peer", action="append", help="a peer's HTTP address host:port (repeatable)")
+    st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each peer (default 3)")
+    st.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    st.set_defaults(func=cmd_status)
 
     ri = sub.add_parser("ring", help="ring.toml tools")
     rsub = ri.add_subparsers(dest="ring_command", required=True)

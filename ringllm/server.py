@@ -42,6 +42,7 @@ import hmac
 import itertools
 import json
 import os
+import select
 import time
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -59,6 +60,7 @@ METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 OPTIONS_KEY: web.AppKey["ServerOptions"] = web.AppKey("options", object)  # type: ignore[arg-type]
 
 T = TypeVar("T")
+_HANGUP = getattr(select, "POLLRDHUP", 0) | getattr(select, "POLLHUP", 0) | getattr(select, "POLLERR", 0)
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # no API key needed: monitoring, no user data
 
@@ -127,8 +129,22 @@ def response_for(exc: RingError) -> web.Response:
 
 # -- running one request --------------------------------------------------------------------
 def client_gone(http: web.Request) -> bool:
+    """True when the client closed its connection.
+
+    aiohttp stops reading the socket while a handler runs, so it would only notice a client
+    that hung up at the next write; a non-streaming or still-queued request would run to its
+    end for nobody. Polling the socket for a peer hang-up (POLLRDHUP, Linux) consumes nothing.
+    """
     transport = http.transport
-    return transport is None or transport.is_closing()
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0 or not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(fd, _HANGUP)
+    return bool(poller.poll(0))
 
 
 class StepStream:
@@ -143,6 +159,7 @@ class StepStream:
     def __init__(self, http: web.Request, gen: AsyncIterator[Step], rec: RequestRecord) -> None:
         self.http, self.gen, self.rec = http, gen, rec
         self.poll = http.app[OPTIONS_KEY].poll_interval
+        self._checked = time.monotonic()
 
     async def __aenter__(self) -> "StepStream":
         return self
@@ -151,12 +168,14 @@ class StepStream:
         await self.aclose()
 
     async def next(self) -> Step | None:
+        if time.monotonic() - self._checked >= self.poll:
+            self._check()  # tokens may come faster than the poll interval: check between them too
         task = asyncio.ensure_future(anext(self.gen, None))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=self.poll)
-                if not task.done() and client_gone(self.http):
-                    raise ClientGone()
+                if not task.done():
+                    self._check()
             step = task.result()
         finally:
             if not task.done():
@@ -171,6 +190,11 @@ class StepStream:
 
     async def aclose(self) -> None:
         await self.gen.aclose()
+
+    def _check(self) -> None:
+        self._checked = time.monotonic()
+        if client_gone(self.http):
+            raise ClientGone()
 
 
 async def write(http: web.Request, resp: web.StreamResponse, data: bytes) -> None:

@@ -218,7 +218,6 @@ async def start_request(http: web.Request, endpoint: str, parse: Callable[[Any],
     """
     peer, metrics, opts = http.app[PEER_KEY], http.app[METRICS_KEY], http.app[OPTIONS_KEY]
     rid = f"r{peer.rank}-{next(opts.ids)}"
-    http["ringllm_rid"] = rid
     try:
         body = await read_json(http)
         req, extra = parse(body)

@@ -1,0 +1,449 @@
+"""The HTTP layer: input validation, error shapes, auth, health, metrics, and what happens to
+the ring when clients misbehave (disconnect, stop reading, flood the queue).
+
+Validation and error shapes run on a 3-peer ring of the tiny synthetic model (fast, no
+download); the memory and slow-client tests use the real model (``pytest.mark.model``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ringllm import runtime
+from ringllm.errors import RequestError
+from ringllm.metrics import Histogram, Metrics, RequestRecord, render
+from ringllm.model import KVCache
+from ringllm.openai_api import ApiRequest, parse_chat, parse_completion
+from ringllm.server import ApiError
+from tests.ring_thread import RingThread
+
+
+# -- helpers --------------------------------------------------------------------------------
+def post(address: str, path: str, body, *, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, dict]:
+    """POST JSON (or raw bytes) and return (status, headers, parsed JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{address}{path}", data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def get(address: str, path: str, *, headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://{address}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def raw_request(address: str, path: str, body: dict) -> socket.socket:
+    """Send a POST on a raw socket and return the socket, unread (to stall or cut the client)."""
+    host, port = address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+    data = json.dumps(body).encode()
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def assert_openai_error(body: dict, param: str | None = None) -> None:
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, body
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, body
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+# -- pure units -----------------------------------------------------------------------------
+def test_histogram_buckets_are_cumulative_and_inclusive():
+    h = Histogram([0.1, 1.0])
+    for v in (0.05, 0.1, 0.5, 2.0):
+        h.observe(v)
+    lines = h.samples("x", {"rank": "0"})
+    assert lines == ['x_bucket{rank="0",le="0.1"} 2', 'x_bucket{rank="0",le="1.0"} 3', 'x_bucket{rank="0",le="+Inf"} 4',
+                     'x_sum{rank="0"} 2.65', 'x_count{rank="0"} 4']
+
+
+def test_request_record_rates():
+    rec = RequestRecord("r0-1", "chat")
+    rec.started = 10.0
+    rec.first_token = 10.5
+    rec.completion_tokens = 11
+    rec.ended = 12.5
+    assert rec.ttft == 0.5
+    assert rec.tokens_per_second == pytest.approx(5.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_info(tiny_model_path):
+    info, mf = runtime.open_model(str(tiny_model_path))
+    mf.close()
+    return info
+
+
+BAD_CHAT = [
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": -5}, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": 10**9}, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": "12"}, "max_tokens"),
+    ({"messages": CHAT, "max_completion_tokens": 1.5}, "max_completion_tokens"),
+    ({"messages": CHAT, "temperature": -0.1}, "temperature"),
+    ({"messages": CHAT, "temperature": 2.5}, "temperature"),
+    ({"messages": CHAT, "temperature": "hot"}, "temperature"),
+    ({"messages": CHAT, "top_p": 1.5}, "top_p"),
+    ({"messages": CHAT, "top_k": -1}, "top_k"),
+    ({"messages": CHAT, "min_p": 2}, "min_p"),
+    ({"messages": CHAT, "repeat_penalty": 0}, "repeat_penalty"),
+    ({"messages": CHAT, "seed": 1.5}, "seed"),
+    ({"messages": CHAT, "seed": True}, "seed"),
+    ({"messages": CHAT, "n": 2}, "n"),
+    ({"messages": CHAT, "stream": "yes"}, "stream"),
+    ({"messages": CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": CHAT, "stop": ""}, "stop"),
+    ({"messages": CHAT, "stop": ["a"] * 17}, "stop"),
+    ({"messages": CHAT, "stop": [1]}, "stop"),
+    ({"messages": CHAT, "logprobs": 1}, "logprobs"),
+    ({"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": CHAT, "logit_bias": {"5": 1}}, "logit_bias"),
+    ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "frobnicate": 1}, "frobnicate"),
+    ({"messages": CHAT, "prompt": "x"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHAT, ids=[p for _, p in BAD_CHAT])
+def test_chat_refuses_bad_input_naming_the_field(tiny_info, body, param):
+    with pytest.raises(ApiError) as e:
+        parse_chat(body, tiny_info, 128)
+    assert e.value.param == param and e.value.status == 400
+
+
+BAD_COMPLETION = [
+    ({}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 10**6]}, "prompt"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "messages": CHAT}, "messages"),
+    ({"prompt": "x" * 400}, "prompt"),  # longer than the tiny model's 128-token context
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETION, ids=[p for _, p in BAD_COMPLETION])
+def test_completion_refuses_bad_input_naming_the_field(tiny_info, body, param):
+    with pytest.raises(ApiError) as e:
+        parse_completion(body, tiny_info, 128)
+    assert e.value.param == param
+
+
+def test_openai_defaults_and_greedy_rules(tiny_info):
+    a = parse_chat({"messages": CHAT, "seed": -1}, tiny_info, 128)
+    s = a.request.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (1.0, 1.0, 0, 0.0, 2**63 - 1)
+    assert a.request.max_tokens == 128 - len(a.request.prompt_ids)  # a chat reply may fill the context
+    assert parse_chat({"messages": CHAT, "top_p": 0}, tiny_info, 128).request.sampling.greedy
+    c = parse_completion({"prompt": "the", "logprobs": 3, "stop": "x", "stream": True,
+                          "stream_options": {"include_usage": True}}, tiny_info, 128)
+    assert (c.request.max_tokens, c.request.stop, c.top_logprobs, c.stream, c.include_usage) == (16, ("x",), 3, True, True)
+    assert parse_completion({"prompt": [[5, 6, 7]], "max_tokens": 4}, tiny_info, 128).request.prompt_ids == (5, 6, 7)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                           max_leaves=8)
+field_names = st.sampled_from(["messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "logprobs",
+                               "top_logprobs", "stream", "stream_options", "n", "top_k", "min_p", "model", "x"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(json_values, st.dictionaries(field_names, json_values, max_size=6)))
+def test_any_json_body_parses_or_is_a_request_error(tiny_info, body):
+    """The h11-style invariant: any JSON gives a request or a RequestError, nothing else."""
+    for parse in (parse_chat, parse_completion):
+        try:
+            assert isinstance(parse(body, tiny_info, 128), ApiRequest)
+        except RequestError:
+            pass
+
+
+# -- HTTP on a tiny ring --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ring(tiny_model_path):
+    with RingThread(peers=3, model=str(tiny_model_path), links="tcp", max_batch=2, max_queue=1) as rt:
+        yield rt
+
+
+def test_health_reports_shard_memory_and_state(tiny_ring):
+    shares = []
+    for rank, address in enumerate(tiny_ring.addresses):
+        status, text = get(address, "/health")
+        h = json.loads(text)
+        assert status == 200 and h["status"] == "ok" and h["rank"] == rank and h["size"] == 3
+        assert h["memory"]["weights_bytes"] > 0 and h["memory"]["rss_bytes"] > 0
+        assert {"kv_heads", "ffn", "vocab", "share"} <= set(h["shard"])
+        assert h["running"] == 0 and h["queue"] == 0 and h["last_error"] is None
+        shares.append(h["shard"]["share"])
+    assert sum(shares) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", b"{not json", None),
+    ("/v1/chat/completions", b"\xff\xfe", None),
+    ("/v1/chat/completions", b"[1, 2]", None),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 100000}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": 9}, "temperature"),
+    ("/v1/chat/completions", {"messages": CHAT, "bogus": True}, "bogus"),
+    ("/v1/completions", {"prompt": "word " * 200}, "prompt"),
+    ("/ringllm/v1/generate", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("/ringllm/v1/generate", {"prompt": "x", "bogus": 1}, "bogus"),
+    ("/ringllm/v1/generate", {"prompt": "word " * 200}, None),
+])
+def test_bad_requests_are_400_in_openai_shape(tiny_ring, path, body, param):
+    status, _, reply = post(tiny_ring.addresses[0], path, body)
+    assert status == 400
+    assert_openai_error(reply, param)
+
+
+def test_prompt_longer_than_context_says_so(tiny_ring):
+    status, _, reply = post(tiny_ring.addresses[1], "/v1/completions", {"prompt": "word " * 200, "max_tokens": 1})
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+    assert "context holds only 128" in reply["error"]["message"]
+
+
+def test_routing_errors_are_json(tiny_ring):
+    status, text = get(tiny_ring.addresses[0], "/v1/nothing")
+    assert status == 404
+    assert_openai_error(json.loads(text))
+    status, text = get(tiny_ring.addresses[0], "/v1/chat/completions")
+    assert status == 405
+    assert_openai_error(json.loads(text))
+    status, _, reply = post(tiny_ring.addresses[0], "/v1/completions", b"x" * (5 * 2**20))
+    assert status == 413
+    assert_openai_error(reply)
+
+
+def test_models_lists_the_ring_model(tiny_ring):
+    status, text = get(tiny_ring.addresses[2], "/v1/models")
+    data = json.loads(text)["data"]
+    assert status == 200 and [m["id"] for m in data] == ["tiny"] and data[0]["object"] == "model"
+    assert get(tiny_ring.addresses[2], "/v1/models/tiny")[0] == 200
+    assert get(tiny_ring.addresses[2], "/v1/models/gpt-4")[0] == 404
+
+
+def test_generation_on_every_peer_and_usage(tiny_ring):
+    for address in tiny_ring.addresses:
+        status, _, reply = post(address, "/v1/completions", {"prompt": "the", "max_tokens": 3, "temperature": 0,
+                                                             "ignore_eos": True})
+        assert status == 200, reply
+        assert reply["usage"] == {"prompt_tokens": reply["usage"]["prompt_tokens"], "completion_tokens": 3,
+                                  "total_tokens": reply["usage"]["prompt_tokens"] + 3}
+        assert reply["choices"][0]["finish_reason"] == "length"
+
+
+def test_full_queue_is_429_with_retry_after(tiny_ring):
+    """max_batch 2 + max_queue 1: three long requests fill the ring, the fourth is refused."""
+    long = {"messages": CHAT, "max_tokens": 100, "ignore_eos": True, "stream": True}
+    socks = [raw_request(tiny_ring.addresses[0], "/v1/chat/completions", long) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 30
+        p = tiny_ring.peers[0]
+        while p.running + p.queue_depth < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, headers, reply = post(tiny_ring.addresses[0], "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        assert status == 429, reply
+        assert headers["Retry-After"] == "1"
+        assert reply["error"]["type"] == "rate_limit_error"
+        assert_openai_error(reply)
+    finally:
+        for s in socks:
+            s.close()
+    tiny_ring.wait_idle()
+
+
+def test_metrics_exposition(tiny_ring):
+    post(tiny_ring.addresses[1], "/v1/completions", {"prompt": "the", "max_tokens": 2})
+    post(tiny_ring.addresses[1], "/v1/completions", {"prompt": 1})
+    status, text = get(tiny_ring.addresses[1], "/metrics")
+    assert status == 200
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.split()[1] in ("HELP", "TYPE")
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    assert samples['ringllm_http_requests_total{rank="1",endpoint="completions",code="200"}'] >= 1
+    assert samples['ringllm_http_requests_total{rank="1",endpoint="completions",code="400"}'] >= 1
+    assert samples['ringllm_completion_tokens_total{rank="1"}'] >= 1
+    assert samples['ringllm_time_to_first_token_seconds_count{rank="1"}'] >= 1
+    assert samples['ringllm_ring_peers_up{rank="1"}'] == 3
+    for name in ("ringllm_sync_seconds_total", "ringllm_compute_seconds_total", "ringllm_kv_cache_bytes",
+                 "ringllm_resident_memory_bytes", "ringllm_queue_depth", "ringllm_running_sequences"):
+        assert f'{name}{{rank="1"}}' in samples
+
+
+def test_metrics_render_without_traffic(tiny_ring):
+    text = render(Metrics(), tiny_ring.peers[0])
+    assert "# TYPE ringllm_time_to_first_token_seconds histogram" in text
+    assert 'ringllm_time_to_first_token_seconds_bucket{rank="0",le="+Inf"} 0' in text
+
+
+def test_api_key(tiny_ring):
+    from aiohttp import web
+
+    from ringllm.ring.config import free_ports
+    from ringllm.server import make_app
+
+    port = free_ports(1)[0]
+
+    async def serve():
+        runner = web.AppRunner(make_app(tiny_ring.peers[0], api_key="sekrit-key"), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = tiny_ring.call(serve)
+    try:
+        address = f"127.0.0.1:{port}"
+        body = {"prompt": "the", "max_tokens": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit-key"}):
+            status, hdrs, reply = post(address, "/v1/completions", body, headers=headers)
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+            assert hdrs.get("WWW-Authenticate") == "Bearer"
+        assert get(address, "/v1/models")[0] == 401
+        assert post(address, "/ringllm/v1/generate", body)[0] == 401
+        status, _, reply = post(address, "/v1/completions", body, headers={"Authorization": "Bearer sekrit-key"})
+        assert status == 200, reply
+        assert get(address, "/health")[0] == 200  # monitoring needs no key
+        assert get(address, "/metrics")[0] == 200
+    finally:
+        tiny_ring.call(runner.cleanup)
+
+
+def test_cut_before_the_first_token_frees_the_slot(tiny_ring):
+    """A client that hangs up while its request waits in the queue is cancelled there."""
+    long = {"messages": CHAT, "max_tokens": 100, "ignore_eos": True}
+    socks = [raw_request(tiny_ring.addresses[2], "/v1/chat/completions", long) for _ in range(3)]
+    time.sleep(0.3)
+    for s in socks:
+        s.close()
+    tiny_ring.wait_idle(10)
+
+
+# -- misbehaving clients on the real model --------------------------------------------------
+@pytest.fixture(scope="module")
+def ring():
+    with RingThread(peers=3, links="tcp") as rt:
+        yield rt
+
+
+def _kv_caches() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, KVCache))
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _disconnect_after_first_token(address: str, path: str, body: dict) -> None:
+    s = raw_request(address, path, body)
+    try:
+        s.settimeout(60)
+        got = b""
+        # Headers are sent with the first token (errors before it are HTTP statuses).
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(4096)
+            assert chunk, "server closed the connection"
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    finally:
+        s.close()
+
+
+@pytest.mark.model
+def test_fifty_disconnects_leave_memory_and_queue_where_they_started(ring):
+    peers = ring.peers
+    bodies = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a long story."}],
+                                        "max_tokens": 500, "stream": True, "ignore_eos": True}),
+              ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 500, "stream": True, "ignore_eos": True}),
+              ("/ringllm/v1/generate", {"prompt": "Tell me a long story.", "max_tokens": 500, "ignore_eos": True})]
+
+    def wave(n: int) -> None:
+        threads = [threading.Thread(target=_disconnect_after_first_token,
+                                    args=(ring.addresses[i % 3], *bodies[i % 3])) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        ring.wait_idle(30)
+
+    wave(10)  # warm-up: the allocator's high-water mark for a batch of 10
+    base_rss, base_caches = _rss(), _kv_caches()
+    for _ in range(5):
+        wave(10)
+    assert [p.running for p in peers] == [0, 0, 0]
+    assert [p.queue_depth for p in peers] == [0, 0, 0]
+    assert _kv_caches() == base_caches == 0  # every sequence's KV cache was freed on every peer
+    from ringllm.metrics import kv_cache_bytes
+
+    assert [kv_cache_bytes(p) for p in peers] == [0, 0, 0]
+    grown = _rss() - base_rss
+    # One sequence's caches on 3 peers hold ~1 MB per 64 tokens; 50 leaked ones would be >150 MB.
+    assert grown < 40 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB"
+    _, text = get(ring.addresses[0], "/metrics")
+    assert 'ringllm_requests_finished_total{rank="0",outcome="cancelled"}' in text
+
+
+@pytest.mark.model
+def test_a_client_that_stops_reading_does_not_hold_up_others(ring):
+    """One client stops reading a long stream; another request on the same peer completes
+    meanwhile; when the stalled client finally hangs up, its slot is freed."""
+    stalled = raw_request(ring.addresses[0], "/v1/completions",
+                          {"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True})
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        time.sleep(1.0)
+        assert ring.peers[0].running == 1
+        t0 = time.monotonic()
+        status, _, reply = post(ring.addresses[0], "/v1/completions", {"prompt": "The sky is", "max_tokens": 8,
+                                                                       "ignore_eos": True, "temperature": 0})
+        took = time.monotonic() - t0
+        assert status == 200 and reply["usage"]["completion_tokens"] == 8
+        assert ring.peers[0].running == 1, "the stalled stream should still be running"
+        assert took < 30
+    finally:
+        stalled.close()
+    ring.wait_idle(10)

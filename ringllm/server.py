@@ -290,7 +290,9 @@ def request_from_body(peer: Peer, body: Any) -> Request:
         ids = prompt_ids(peer.info, body["prompt"], raw=bool(body.get("raw", False)), system=system)
     else:
         raise ApiError("give one of 'prompt' (a string), 'messages' or 'prompt_ids'", param="prompt")
-    max_tokens = body.get("max_tokens", 256)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:  # 256, or what the context has room for
+        max_tokens = min(256, max(1, peer.model.max_len - len(ids)))
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise ApiError(f"'max_tokens' must be an integer, got {max_tokens!r}", param="max_tokens")
     if not 1 <= max_tokens <= peer.model.max_len:

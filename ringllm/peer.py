@@ -202,7 +202,7 @@ class Peer:
         if not self._running:
             return
         batch = list(self._running)
-        choices = await self._loop.run_in_executor(self._pool, self._compute, batch)
+        choices = await self._compute_lent(batch)
         self.stats.step_seconds += time.perf_counter() - t0
         self.stats.sync_seconds += t1 - t0
         self.stats.steps += 1
@@ -257,6 +257,23 @@ class Peer:
             q.put_nowait(exc)
         self._running.clear()
         self._waiting.clear()
+
+    async def _compute_lent(self, batch: list[_Running]) -> list:
+        """Run :meth:`_compute` in the compute thread with the ring's sockets lent to it.
+
+        Lending lets the thread's all-reduces do their socket I/O directly, with no event-loop
+        round trip per call (~110 us saved per all-reduce at P=2, 61 per token). The step must
+        end before the sockets return to the loop, so cancellation waits for the thread.
+        """
+        await self.coll.lend_to_thread()
+        fut = self._loop.run_in_executor(self._pool, self._compute, batch)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])  # the thread holds the sockets until its step ends
+            raise
+        finally:
+            self.coll.take_back()
 
     # -- compute thread ---------------------------------------------------------------------
     def _compute(self, batch: list[_Running]) -> list:

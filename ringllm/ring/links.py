@@ -81,6 +81,7 @@ class Link:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = self._deadline = self._delay = 0.0
         self.last_rx = self.last_tx = time.monotonic()
+        self.bytes_sent = 0  # every frame byte this link wrote (prefix, header, payload)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -247,6 +248,7 @@ class Link:
     def _write_frame(self, kind: str, header: dict[str, Any] | None, payload: Any) -> None:
         head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
         self.last_tx = time.monotonic()
+        self.bytes_sent += len(head) + (view.nbytes if view is not None else 0)
         self._write_buffers(head, view)
 
     async def send(self, kind: str, header: dict[str, Any] | None = None,
@@ -507,6 +509,7 @@ class BlockingLink:
         if self.error is not None:
             raise self.error
         head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
+        self.link.bytes_sent += len(head) + (view.nbytes if view is not None else 0)
         if view is None:
             self._sendall(head)
         elif view.nbytes <= _JOIN_MAX:

@@ -160,6 +160,12 @@ class Peer:
                 self._news_cancel.append(rid)
                 self._news.set()
 
+    def stats_dict(self) -> dict[str, Any]:
+        """Counters (see PeerStats) plus the frame bytes this peer wrote to its ring links."""
+        d = self.stats.as_dict()
+        d["bytes_sent"] = sum(link.bytes_sent for link in self.links.links)
+        return d
+
     @property
     def failure(self) -> BaseException | None:
         """Why the ring stopped on this peer, or None while it runs."""

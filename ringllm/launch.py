@@ -73,7 +73,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1) -> None:
     finally:
         links.close("peer shutting down")
         await runner.cleanup()
-        log.info("rank %d: stats %s", rank, json.dumps(peer.stats_dict()))
+        log.info("rank %d: stats %s", rank, json.dumps(peer.stats.as_dict()))
 
 
 def run_peer(args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ class PeerStats:
     requests: int = 0
     step_seconds: float = 0.0
     sync_seconds: float = 0.0
+    bytes_sent: int = 0  # frame bytes written to the ring links
     last_error: str | None = None
     started: float = field(default_factory=time.time)
 
@@ -160,12 +161,6 @@ class Peer:
                 self._news_cancel.append(rid)
                 self._news.set()
 
-    def stats_dict(self) -> dict[str, Any]:
-        """Counters (see PeerStats) plus the frame bytes this peer wrote to its ring links."""
-        d = self.stats.as_dict()
-        d["bytes_sent"] = sum(link.bytes_sent for link in self.links.links)
-        return d
-
     @property
     def failure(self) -> BaseException | None:
         """Why the ring stopped on this peer, or None while it runs."""
@@ -212,6 +207,7 @@ class Peer:
         self.stats.step_seconds += time.perf_counter() - t0
         self.stats.sync_seconds += t1 - t0
         self.stats.steps += 1
+        self.stats.bytes_sent = sum(link.bytes_sent for link in self.links.links)
         for run, choice in zip(batch, choices):
             step = run.seq.accept(choice)
             self.stats.tokens += 1

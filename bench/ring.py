@@ -7,11 +7,11 @@ and then one timed greedy request (64-token prompt, ``--tokens`` generated, EOS 
 rank 0, side by side in one run. Reported per P:
 
 - ``tok_s``: decode tokens/s seen by the client (first token excluded);
-- ``compute_ms_per_token`` / ``sync_ms_per_token``: rank 0's step time split into waiting in
-  collectives and the rest (from the stats line each peer logs when it stops);
-- ``bytes_per_token_per_peer``: bytes each peer wrote to sockets during the timed request
-  (``wchar`` of /proc/<pid>/io: the ring links, plus rank 0's small HTTP stream), next to
-  ``formula_bytes_per_token``, the protocol's own count (docs/performance.md derives it);
+- ``compute_ms_per_token`` / ``sync_ms_per_token``: rank 0's decode step time split into
+  waiting in collectives and the rest (peer counters from /health; decode-only figures are
+  the difference between a long request and a one-token request);
+- ``bytes_per_token_per_peer``: frame bytes each peer wrote to its ring links per decode
+  token (its own counter), next to ``formula_bytes_per_token`` (docs/performance.md derives it);
 - ``peak_rss_mb``: each peer's VmHWM.
 """
 
@@ -44,19 +44,36 @@ def proc_field(pid: int, name: str, field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+)", text, re.M).group(1))
 
 
-def formula_bytes(p: int, n_layers: int, dim: int, wire: str, frame_overhead: int) -> float:
-    """Bytes one peer sends per decode token with the exchange all-reduce (see docs).
+def frame_bytes(payload: int, kind: str = "coll", header: dict | None = None) -> int:
+    """Bytes of one frame on the wire, measured with the real encoder."""
+    from ringllm.ring.wire import encode_frame
 
-    Each all-reduce of ``dim`` floats: every vector travels floor(P/2) hops clockwise and
-    floor((P-1)/2) counter-clockwise, and each peer sends its own vector both ways and forwards
-    the others: (P-1) payloads per peer. Per token: 2 all-reduces per layer plus 1 for the
-    vocab-parallel embedding (P > 1), plus the step's small gathers (control + sampling).
+    head, view = encode_frame(kind, header or {"s": 100_000, "i": 0, "o": "ar", "n": 576}, b"x" * payload)
+    return len(head) + (view.nbytes if view is not None else 0)
+
+
+def formula_bytes(p: int, n_layers: int, dim: int, wire: str) -> float:
+    """Bytes one peer sends per decode token (docs/performance.md derives it).
+
+    Exchange all-reduce: every vector travels floor(P/2) hops one way and floor((P-1)/2) the
+    other, so each peer sends P-1 vector frames per all-reduce. Per token: 2 per layer plus
+    one for the vocab-parallel embedding. The step's two small all-gathers (control news and
+    greedy candidates) add P-1 frames each of under 100 bytes.
     """
     if p == 1:
         return 0.0
-    payload = dim * 4 if wire == "f32" else -(-dim // 32) * 34
-    per_allreduce = (p - 1) * (payload + frame_overhead)
-    return (2 * n_layers + 1) * per_allreduce
+    payload = dim * 4 if wire == "f32" else -(-dim // 64) * 64 // 32 * 34
+    per_allreduce = (p - 1) * frame_bytes(payload)
+    small = 2 * (p - 1) * frame_bytes(60, header={"s": 100_000, "i": 0, "o": "ag"})
+    return (2 * n_layers + 1) * per_allreduce + small
+
+
+async def peer_stats(ports: list[int]) -> list[dict]:
+    out = []
+    for port in ports:
+        async with connect(f"127.0.0.1:{port}") as client:
+            out.append((await client.health())["stats"])
+    return out
 
 
 async def timed_request(port: int, prompt_ids: list[int], tokens: int) -> dict:
@@ -65,33 +82,39 @@ async def timed_request(port: int, prompt_ids: list[int], tokens: int) -> dict:
 
 
 def run_ring(p: int, model: str, threads: int, wire: str, tokens: int, prompt_ids: list[int]) -> dict:
+    """Decode-only figures come from the difference of a long and a one-token request."""
     with tempfile.TemporaryDirectory(prefix="ringllm-bench-") as tmp:
         ring_path = Path(tmp) / "ring.toml"
         ring_path.write_text(init_ring_toml(p, model=model, wire=wire))
         cfg = load_ring(ring_path)
         procs = [_spawn_peer(ring_path, r, threads, Path(tmp)) for r in range(p)]
+        ports = [pc.http_port for pc in cfg.peers]
         try:
             _wait_healthy(cfg, procs, Path(tmp))
-            port = cfg.peers[0].http_port
-            asyncio.run(timed_request(port, prompt_ids, 8))  # warm-up
-            w0 = [proc_field(pr.pid, "io", "wchar") for pr in procs]
-            done = asyncio.run(timed_request(port, prompt_ids, tokens))
-            w1 = [proc_field(pr.pid, "io", "wchar") for pr in procs]
+            asyncio.run(timed_request(ports[0], prompt_ids, 8))  # warm-up
+            s0 = asyncio.run(peer_stats(ports))
+            asyncio.run(timed_request(ports[0], prompt_ids, 1))
+            s1 = asyncio.run(peer_stats(ports))
+            done = asyncio.run(timed_request(ports[0], prompt_ids, tokens))
+            s2 = asyncio.run(peer_stats(ports))
             rss = [proc_field(pr.pid, "status", "VmHWM") / 1024 for pr in procs]
         finally:
             _stop(procs)
-        stats = [json.loads(re.search(r"stats (\{.*\})", (Path(tmp) / f"peer{r}.log").read_text()).group(1))
-                 for r in range(p)]
+
+    def decode_delta(r: int, key: str) -> float:
+        return (s2[r][key] - s1[r][key]) - (s1[r][key] - s0[r][key])
+
+    decode_steps = decode_delta(0, "steps")
     decode_s = done["seconds"] - done["time_to_first_token"]
     n = len(done["ids"])
-    s0 = stats[0]
     return {
         "peers": p, "threads_per_peer": threads, "wire": wire,
         "tok_s": round((n - 1) / decode_s, 2),
         "ttft_ms": round(done["time_to_first_token"] * 1000, 1),
-        "compute_ms_per_token": round(s0["compute_seconds"] / s0["tokens"] * 1000, 2),
-        "sync_ms_per_token": round(s0["sync_seconds"] / s0["tokens"] * 1000, 2),
-        "bytes_per_token_per_peer": [round((b - a) / n) for a, b in zip(w0, w1)],
+        "step_ms": round(decode_delta(0, "step_seconds") / decode_steps * 1000, 2),
+        "compute_ms_per_token": round((decode_delta(0, "step_seconds") - decode_delta(0, "sync_seconds")) / decode_steps * 1000, 2),
+        "sync_ms_per_token": round(decode_delta(0, "sync_seconds") / decode_steps * 1000, 2),
+        "bytes_per_token_per_peer": [round(decode_delta(r, "bytes_sent") / decode_steps) for r in range(p)],
         "peak_rss_mb": [round(x, 1) for x in rss],
         "ids_head": done["ids"][:8],
     }
@@ -115,15 +138,10 @@ def main() -> None:
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
     for p in args.peers:
         row = run_ring(p, model, args.threads, args.wire, args.tokens, prompt_ids)
-        row["formula_bytes_per_token"] = formula_bytes(p, c.n_layers, c.dim, args.wire, frame_overhead=FRAME_OVERHEAD)
+        row["formula_bytes_per_token"] = round(formula_bytes(p, c.n_layers, c.dim, args.wire))
         row["machine"] = machine
         print(json.dumps(row), flush=True)
 
 
-FRAME_OVERHEAD = 0  # set from the wire format below
-
 if __name__ == "__main__":
-    from ringllm.ring import wire as _wire
-
-    FRAME_OVERHEAD = getattr(_wire, "ALLREDUCE_FRAME_OVERHEAD", 0)
     main()

@@ -135,8 +135,13 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def _common(b: _Body, prompt_len: int, context: int, max_tokens: int | None, default_max: int | None) -> dict[str, Any]:
-    """Sampling, stop and length settings shared by both endpoints."""
+def _common(b: _Body, prompt_len: int, context: int, vocab: int, max_tokens: int | None,
+            default_max: int | None) -> dict[str, Any]:
+    """Sampling, stop and length settings shared by both endpoints.
+
+    Every value is bounded here: a request travels the ring (msgpack) and runs on every peer,
+    so nothing a client sends may be able to upset the step loop.
+    """
     b.string("model")
     b.string("user")
     b.integer("n", 1, 1)
@@ -145,7 +150,7 @@ def _common(b: _Body, prompt_len: int, context: int, max_tokens: int | None, def
     b.only("logit_bias", lambda v: v == {}, "only an empty object")
     temperature = b.number("temperature", 0.0, 2.0)
     top_p = b.number("top_p", 0.0, 1.0)
-    top_k = b.integer("top_k", 0)
+    top_k = b.integer("top_k", 0, vocab)
     min_p = b.number("min_p", 0.0, 1.0)
     repeat_penalty = b.number("repeat_penalty", 0.0, lo_open=True)
     seed = b.integer("seed", -(2**63), 2**64 - 1)
@@ -210,7 +215,7 @@ def parse_chat(body: Any, info: ModelInfo, context: int) -> ApiRequest:
     mt = b.integer("max_completion_tokens", 1)
     if mt is None:
         mt = b.integer("max_tokens", 1)
-    c = _common(b, len(ids), context, mt, None)
+    c = _common(b, len(ids), context, info.config.vocab_size, mt, None)
     return _api("chat", ids, c, logprobs, top)
 
 
@@ -222,7 +227,8 @@ def parse_completion(body: Any, info: ModelInfo, context: int) -> ApiRequest:
     b.integer("best_of", 1, 1)
     ids = _completion_prompt(b.raw("prompt"), info)
     top = b.integer("logprobs", 0, MAX_TOP_LOGPROBS)
-    c = _common(b, len(ids), context, b.integer("max_tokens", 1), COMPLETION_DEFAULT_MAX_TOKENS)
+    c = _common(b, len(ids), context, info.config.vocab_size, b.integer("max_tokens", 1),
+                COMPLETION_DEFAULT_MAX_TOKENS)
     return _api("completion", ids, c, top is not None, top or 0)
 
 

@@ -306,7 +306,11 @@ def request_from_body(peer: Peer, body: Any) -> Request:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError("'ignore_eos' must be true or false", param="ignore_eos")
-    return Request(tuple(ids), sampling_from(body), max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos)
+    sampling = sampling_from(body)
+    vocab = peer.info.config.vocab_size
+    if sampling.top_k > vocab:  # also keeps the value packable on the ring (msgpack: < 2**64)
+        raise ApiError(f"'top_k' must be between 0 and the vocabulary size {vocab}, got {sampling.top_k}", param="top_k")
+    return Request(tuple(ids), sampling, max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos)
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:

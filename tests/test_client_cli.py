@@ -67,6 +67,12 @@ def test_local_ring_and_client_under(loop, tiny_model_path):
                     async with connect(ring.addresses[0]) as other:
                         await other.complete("x", max_tokens=2)
                 await events.aclose()
+                # Let the cancellation reach every peer before the ring closes (closing a ring
+                # mid-step can leave a compute thread waiting for its receive timeout).
+                for _ in range(100):
+                    if not any(p.running or p.queue_depth for p in ring.peers):
+                        break
+                    await asyncio.sleep(0.05)
 
     run_in(loop, go)
 

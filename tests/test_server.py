@@ -14,7 +14,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,8 +25,10 @@ from ringllm import runtime
 from ringllm.errors import RequestError
 from ringllm.metrics import Histogram, Metrics, RequestRecord, render
 from ringllm.model import KVCache
-from ringllm.openai_api import ApiRequest, parse_chat, parse_completion
-from ringllm.server import ApiError
+from ringllm.openai_api import parse_chat, parse_completion
+from ringllm.generation import Request
+from ringllm.peer import request_to_wire
+from ringllm.server import ApiError, request_from_body
 from tests.ring_thread import RingThread
 
 
@@ -115,6 +119,7 @@ BAD_CHAT = [
     ({"messages": CHAT, "temperature": "hot"}, "temperature"),
     ({"messages": CHAT, "top_p": 1.5}, "top_p"),
     ({"messages": CHAT, "top_k": -1}, "top_k"),
+    ({"messages": CHAT, "top_k": 10**30}, "top_k"),
     ({"messages": CHAT, "min_p": 2}, "min_p"),
     ({"messages": CHAT, "repeat_penalty": 0}, "repeat_penalty"),
     ({"messages": CHAT, "seed": 1.5}, "seed"),
@@ -180,19 +185,25 @@ def test_openai_defaults_and_greedy_rules(tiny_info):
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
                            max_leaves=8)
-field_names = st.sampled_from(["messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "logprobs",
+field_names = st.sampled_from(["messages", "prompt", "prompt_ids", "raw", "system", "top_k", "max_tokens", "temperature", "top_p", "stop", "seed", "logprobs",
                                "top_logprobs", "stream", "stream_options", "n", "top_k", "min_p", "model", "x"])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(json_values, st.dictionaries(field_names, json_values, max_size=6)))
 def test_any_json_body_parses_or_is_a_request_error(tiny_info, body):
-    """The h11-style invariant: any JSON gives a request or a RequestError, nothing else."""
-    for parse in (parse_chat, parse_completion):
+    """The h11-style invariant: any JSON gives a request or a RequestError, nothing else; and
+    a request that parses can travel the ring (the control all-gather packs it with msgpack)."""
+    fake_peer = SimpleNamespace(info=tiny_info, model=SimpleNamespace(max_len=128))
+    parsers = [lambda b: parse_chat(b, tiny_info, 128).request, lambda b: parse_completion(b, tiny_info, 128).request,
+               lambda b: request_from_body(fake_peer, b)]
+    for parse in parsers:
         try:
-            assert isinstance(parse(body, tiny_info, 128), ApiRequest)
+            req = parse(body)
         except RequestError:
-            pass
+            continue
+        assert isinstance(req, Request)
+        msgpack.packb(request_to_wire(req), use_bin_type=True)
 
 
 # -- HTTP on a tiny ring --------------------------------------------------------------------
@@ -227,11 +238,14 @@ def test_health_reports_shard_memory_and_state(tiny_ring):
     ("/ringllm/v1/generate", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ("/ringllm/v1/generate", {"prompt": "x", "bogus": 1}, "bogus"),
     ("/ringllm/v1/generate", {"prompt": "word " * 200}, None),
+    ("/ringllm/v1/generate", {"prompt": "x", "top_k": 1e30}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2**64}, "top_k"),
 ])
 def test_bad_requests_are_400_in_openai_shape(tiny_ring, path, body, param):
     status, _, reply = post(tiny_ring.addresses[0], path, body)
     assert status == 400
     assert_openai_error(reply, param)
+    assert all(p.failure is None for p in tiny_ring.peers)  # no request can upset the ring
 
 
 def test_prompt_longer_than_context_says_so(tiny_ring):

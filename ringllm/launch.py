@@ -29,14 +29,49 @@ def default_threads(peers_on_this_machine: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, peers_on_this_machine))
 
 
-async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1) -> None:
-    """Load rank's shard, join the ring, serve HTTP, and drive steps until stopped."""
+def ring_config_claim(cfg: RingConfig) -> str:
+    """The ring.toml settings every peer must share, as canonical JSON for the handshake.
+
+    A peer started from a different ring.toml is refused with the differing key named. Left
+    out: the secret (the handshake's MAC proves it), model names and paths (the model
+    fingerprint covers the file), and the per-host [http] and [tls] file paths.
+    """
+    shared = {"name": cfg.name, "wire": cfg.wire, "context_length": cfg.context_length,
+              "max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
+              "heartbeat_interval": cfg.heartbeat_interval, "dead_after": cfg.dead_after,
+              "tls": cfg.tls is not None, "peers": [[p.host, p.port, p.weight] for p in cfg.peers]}
+    return json.dumps(shared, sort_keys=True, separators=(",", ":"))
+
+
+def ring_timeouts(cfg: RingConfig) -> tuple[float, float]:
+    """(handshake timeout, recv timeout) derived from ``dead_after``.
+
+    A newcomer gets a few heartbeats' time to finish its handshake (bounded, so a silent
+    connection is dropped quickly); a collective may wait long for a neighbour that keeps
+    pinging (e.g. one computing a long prefill), while silence fails it after ``dead_after``.
+    """
+    return min(10.0, max(3.0, 2 * cfg.dead_after)), max(30.0, 6 * cfg.dead_after)
+
+
+async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
+                     listen: tuple[str, int] | None = None) -> None:
+    """Load rank's shard, join the ring, serve HTTP, and drive steps until cancelled.
+
+    A broken ring does not end it: in-flight requests fail with PeerLostError naming the lost
+    peer, the model stays loaded, HTTP keeps answering (``/health`` says ``down``, requests get
+    503), the ring is formed again with back-off, and work resumes when every peer is back.
+    The listening port stays open throughout, so strangers are handshaked and dropped with a
+    logged reason at any time. Raises on the first formation if a neighbour refuses us for a
+    configuration mismatch (retrying cannot fix that). ``listen`` overrides the address this
+    peer listens on (e.g. behind a proxy); others still connect to ring.toml's address.
+    """
     from aiohttp import web
 
     from ringllm import runtime
     from ringllm.peer import Peer
     from ringllm.ring.handshake import HandshakeInfo
-    from ringllm.ring.links import open_tcp_ring
+    from ringllm.ring.links import RingListener, open_tcp_ring
+    from ringllm.ring.tls import http_server_context, peer_contexts
     from ringllm.server import make_app
 
     me_cfg = cfg.peer(rank)
@@ -45,6 +80,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1) -> None:
     path = resolve_model(cfg.model_for(rank), progress=lambda m: log.info("rank %d: %s", rank, m))
     if cfg.model_sha256 and (digest := await asyncio.to_thread(sha256_file, path)) != cfg.model_sha256:
         raise ModelError(f"rank {rank}: model file {path} has sha256 {digest}, but {cfg.source} says {cfg.model_sha256}")
+    server_ssl, client_ssl = peer_contexts(cfg.tls) if cfg.tls else (None, None)
+    http_ssl = http_server_context(cfg.tls) if cfg.tls else None
     info, mf = await asyncio.to_thread(runtime.open_model, str(path))
     plan = runtime.make_plan(info, cfg.weights)
     model = await asyncio.to_thread(runtime.load_model, mf, plan, rank, max_len=cfg.context_length)
@@ -52,28 +89,66 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1) -> None:
     sh = plan[rank]
     log.info("rank %d: loaded shard in %.1f s: kv heads %s, ffn %s, vocab %s, %.1f MB of weights", rank,
              time.perf_counter() - t0, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)
-    me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest())
-    log.info("rank %d: joining ring %r (%d peers) at %s", rank, cfg.name, cfg.size, me_cfg.address)
-    links = await open_tcp_ring(rank, [(p.host, p.port) for p in cfg.peers], me=me, secret=cfg.secret,
-                                timeout=600.0, recv_timeout=max(30.0, cfg.dead_after))
-    log.info("rank %d: ring up", rank)
-    peer = Peer(model, info, links, wire=cfg.wire, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
-    runner = web.AppRunner(make_app(peer), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.http_host, me_cfg.http_port, reuse_address=True)
-    await site.start()
-    log.info("rank %d: serving HTTP on %s:%d", rank, cfg.http_host, me_cfg.http_port)
+    me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest(),
+                       config=ring_config_claim(cfg))
+    hs_timeout, recv_timeout = ring_timeouts(cfg)
+    addrs = [(p.host, p.port) for p in cfg.peers]
+    listener = None
+    if cfg.size > 1:
+        listener = RingListener(rank, cfg.size, me=me, secret=cfg.secret, handshake_timeout=hs_timeout,
+                                recv_timeout=recv_timeout, ssl=server_ssl)
+        await listener.start(*(listen or addrs[rank]))
+
+    async def form(first: bool):
+        return await open_tcp_ring(rank, addrs, me=me, secret=cfg.secret, timeout=600.0 if first else None,
+                                   handshake_timeout=hs_timeout, recv_timeout=recv_timeout, listener=listener,
+                                   ssl_client=client_ssl, refusals_are_final=first)
+
+    runner = None
     try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(peer.run())
-            tg.create_task(links.keepalive(cfg.heartbeat_interval, cfg.dead_after))
-    except* RingError as eg:
-        log.error("rank %d: ring lost: %s", rank, eg.exceptions[0])
-        raise eg.exceptions[0] from None
+        log.info("rank %d: joining ring %r (%d peers) at %s%s", rank, cfg.name, cfg.size, me_cfg.address,
+                 " over TLS" if cfg.tls else "")
+        links = await form(True)
+        log.info("rank %d: ring up", rank)
+        peer = Peer(model, info, links, wire=cfg.wire, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+        runner = web.AppRunner(make_app(peer, api_key=cfg.api_key), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.http_host, me_cfg.http_port, reuse_address=True, ssl_context=http_ssl)
+        await site.start()
+        log.info("rank %d: serving HTTP%s on %s:%d", rank, "S" if http_ssl else "", cfg.http_host, me_cfg.http_port)
+        try:
+            while True:
+                try:
+                    await _run_ring(peer, cfg)
+                except RingError as exc:
+                    log.error("rank %d: ring lost: %s; re-forming", rank, exc)
+                except Exception:  # a bug in a step: requests were failed; keep the peer up
+                    log.exception("rank %d: step loop failed; re-forming the ring", rank)
+                t1 = time.monotonic()
+                peer.rebind(await form(False))
+                log.info("rank %d: ring re-formed after %.1f s", rank, time.monotonic() - t1)
+        finally:
+            peer.links.close("peer shutting down")
+            log.info("rank %d: stats %s", rank, json.dumps(peer.stats.as_dict()))
     finally:
-        links.close("peer shutting down")
-        await runner.cleanup()
-        log.info("rank %d: stats %s", rank, json.dumps(peer.stats.as_dict()))
+        if listener is not None:
+            listener.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _run_ring(peer, cfg: RingConfig) -> None:
+    """Drive ``peer`` on its current ring with keepalive until the ring breaks (raises)."""
+    keepalive = asyncio.create_task(peer.links.keepalive(cfg.heartbeat_interval, cfg.dead_after))
+    try:
+        # A keepalive failure fails the links, so peer.run() raises the same error; waiting
+        # on the peer alone keeps one error, with its in-flight requests failed, per loss.
+        await peer.run()
+    finally:
+        keepalive.cancel()
+        await asyncio.wait([keepalive])
+        if not keepalive.cancelled():
+            keepalive.exception()  # retrieved: it is the same failure peer.run() raised
 
 
 def run_peer(args: argparse.Namespace) -> int:
@@ -147,6 +222,11 @@ def _spawn_peer(ring_path: Path, rank: int, threads: int, logdir: Path) -> subpr
 def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, timeout: float = 300.0) -> None:
     import urllib.request
 
+    scheme, ctx = "http", None
+    if cfg.tls is not None:
+        from ringllm.ring.tls import http_client_context
+
+        scheme, ctx = "https", http_client_context(cfg.tls)
     deadline = time.monotonic() + timeout
     pending = set(range(len(procs)))
     while pending:
@@ -155,7 +235,8 @@ def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, 
                 tail = (logdir / f"peer{r}.log").read_text(errors="replace").strip().splitlines()[-5:]
                 raise RingError(f"peer {r} exited with status {procs[r].returncode}: " + " | ".join(tail))
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{cfg.peers[r].http_port}/health", timeout=1) as resp:
+                url = f"{scheme}://127.0.0.1:{cfg.peers[r].http_port}/health"
+                with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
                     if json.load(resp).get("status") == "ok":
                         pending.discard(r)
             except OSError:

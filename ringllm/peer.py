@@ -21,6 +21,16 @@ An idle ring sends nothing: a peer with no running sequences waits until it has 
 neighbour's first control frame arrives, then joins the step. Compute runs in one worker
 thread per peer (numpy releases the GIL), so the event loop keeps moving bytes and serving
 clients meanwhile; the compute thread reaches the collectives through the loop.
+
+When the ring breaks
+--------------------
+A lost neighbour (EOF, silence past ``dead_after``, a ``bye``) makes :meth:`Peer.run` fail
+every in-flight request with a :class:`PeerLostError` naming the lost peer, close both links
+with a ``bye`` that names it too (so the news goes round the ring at once), and raise. The
+peer keeps its model and keeps serving HTTP; until :meth:`Peer.rebind` hands it a re-formed
+ring, new requests are refused at once with a PeerLostError saying the ring is down. Every
+peer re-forms the whole ring (fresh links, fresh collectives), so no state of the old ring
+survives.
 """
 
 from __future__ import annotations
@@ -109,6 +119,7 @@ class Peer:
         self.info = info
         self.links = links
         self.rank, self.size = links.rank, links.size
+        self.wire = wire
         self.coll = Collectives(links.rank, links.size, links, wire)
         model.allreduce = self.allreduce_sync  # the model's syncs go round this peer's ring
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -123,6 +134,22 @@ class Peer:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ringllm-compute-{self.rank}")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
+        self.down_since: float | None = None  # time.time() of the last ring failure while down
+        self.ring_formations = 1  # how many rings this peer has run on (1 + rebinds)
+
+    def rebind(self, links: RingLinks) -> None:
+        """Continue on a re-formed ring after :meth:`run` raised: new links and collectives
+        (the model, its weights and the counters are kept); requests are accepted again.
+        Call :meth:`run` next. Raises ValueError for links of another rank or ring size."""
+        if (links.rank, links.size) != (self.rank, self.size):
+            raise ValueError(f"links are for rank {links.rank}/{links.size}, not {self.rank}/{self.size}")
+        self.links = links
+        self.coll = Collectives(links.rank, links.size, links, self.wire)
+        if getattr(self._pool, "_shutdown", False):
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ringllm-compute-{self.rank}")
+        self._failed = None
+        self.down_since = None
+        self.ring_formations += 1
 
     # -- the client side --------------------------------------------------------------------
     async def generate(self, request: Request) -> AsyncIterator[Step]:
@@ -134,7 +161,7 @@ class Peer:
         and frees its KV cache.
         """
         if self._failed is not None:
-            raise self._failed
+            raise self._down_error()
         request.check_fits(self.model.max_len)
         if len(self._waiting) + len(self._news_new) >= self.max_queue + max(0, self.max_batch - len(self._running)):
             raise QueueFullError(f"the ring's queue is full ({self.max_queue} waiting); retry later")
@@ -167,6 +194,19 @@ class Peer:
         return self._failed
 
     @property
+    def ring_up(self) -> bool:
+        """False from a ring failure until :meth:`rebind`: requests are refused meanwhile."""
+        return self._failed is None
+
+    def _down_error(self) -> PeerLostError:
+        failed = self._failed
+        if isinstance(failed, PeerLostError):
+            peer, why = failed.peer, failed.reason
+        else:
+            peer, why = "ring", str(failed)
+        return PeerLostError(peer, f"the ring is down ({why}); it re-forms when every peer is back, retry later")
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting) + len(self._news_new)
 
@@ -178,14 +218,24 @@ class Peer:
     async def run(self) -> None:
         """Drive the ring until it breaks (raises the failure) or the task is cancelled.
 
-        On failure every in-flight request on this peer gets the error.
+        On failure, or cancellation, every in-flight request on this peer gets the error (a
+        PeerLostError naming the lost peer; "shutting down" on cancellation) and both links are
+        closed with a ``bye`` giving the reason; a compute thread blocked on the ring is
+        released first. Afterwards :attr:`ring_up` is False until :meth:`rebind`.
         """
         self._loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._step()
         except BaseException as exc:
-            self._fail_all(exc if isinstance(exc, RingError) else PeerLostError("ring", f"peer stopped: {exc!r}"))
+            if isinstance(exc, RingError):
+                err: RingError = exc
+            elif isinstance(exc, asyncio.CancelledError):
+                err = PeerLostError(f"rank {self.rank}", "the peer is shutting down")
+            else:
+                err = PeerLostError(f"rank {self.rank}", f"the peer's step loop failed: {exc!r}")
+            self._fail_all(err)
+            self.links.abandon(err)
             raise
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -254,11 +304,14 @@ class Peer:
 
     def _fail_all(self, exc: BaseException) -> None:
         self._failed = exc
+        self.down_since = time.time()
         self.stats.last_error = str(exc)
         for q in self._outs.values():
             q.put_nowait(exc)
         self._running.clear()
         self._waiting.clear()
+        # News not yet gathered belongs to requests that have just been failed.
+        self._news_new, self._news_cancel = [], []
 
     async def _compute_lent(self, batch: list[_Running]) -> list:
         """Run :meth:`_compute` in the compute thread with the ring's sockets lent to it.
@@ -272,7 +325,11 @@ class Peer:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            await asyncio.wait([fut])  # the thread holds the sockets until its step ends
+            # The thread holds the sockets until its step ends; shutting them down wakes it
+            # at once if it is blocked on a stalled neighbour.
+            for link in self.links.links:
+                link.abort("the peer is shutting down")
+            await asyncio.wait([fut])
             raise
         finally:
             self.coll.take_back()

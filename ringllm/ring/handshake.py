@@ -3,7 +3,8 @@
 Both ends run the same symmetric protocol (no client/server roles), as a pure state machine
 (:class:`Handshake`) plus a thin asyncio driver (:func:`handshake`)::
 
-    both:  --hello-->   magic, protocol version, ring, rank, size, model, plan, 32-byte nonce
+    both:  --hello-->   magic, protocol version, ring, rank, size, model, plan, ring-config
+                        claim, 32-byte nonce
     both:  --auth--->   mac = HMAC-SHA256(secret, LABEL || T(mine) || T(theirs))
     both:  --ready-->   (or --refuse--> with a reason, at any point, then close)
 
@@ -11,8 +12,12 @@ Both ends run the same symmetric protocol (no client/server roles), as a pure st
 the MAC binds both nonces and every hello field: a recorded handshake cannot be replayed (the
 other side's fresh nonce changes the expected MAC) and the prover's own hello comes first, so a
 proof cannot be reflected back to its author.  Hellos with equal nonces are refused.  This
-authenticates peers; it does not encrypt or protect the link afterwards (use a VPN/TLS tunnel on
-untrusted networks).  Byte layouts are in ``docs/protocol.md``.
+authenticates peers; it does not encrypt or protect the link afterwards (turn on ``[tls]`` in
+ring.toml, or use a VPN, on untrusted networks).  Byte layouts are in ``docs/protocol.md``.
+
+A refusal is final (a configuration mismatch) unless it carries ``retry = true``: then the
+other side was only not ready for us yet (e.g. it still holds a live link to our rank) and we
+connect again after a back-off.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import asyncio
 import hashlib
 import hmac
 import secrets as _secrets
+import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +42,7 @@ __all__ = [
     "Handshake",
     "HandshakeInfo",
     "compute_mac",
+    "config_difference",
     "handshake",
     "read_frame",
     "transcript",
@@ -54,6 +62,9 @@ class HandshakeInfo:
     """What a peer claims about itself.  Every field must match across the ring (except rank).
 
     ``model`` is the model fingerprint and ``plan`` the shard-plan hash, both as hex strings.
+    ``config`` is the ring-config claim: canonical JSON (sorted keys, no spaces) of the
+    ring.toml settings every peer must share (see ``launch.ring_config_claim``), so a peer
+    started from a different ring.toml is refused with the differing setting named.
     """
 
     ring: str
@@ -62,17 +73,18 @@ class HandshakeInfo:
     model: str
     plan: str
     version: int = PROTOCOL_VERSION
+    config: str = ""
 
 
 def transcript(info: HandshakeInfo, nonce: bytes, magic: bytes = HANDSHAKE_MAGIC) -> bytes:
     """Canonical bytes of a hello, independent of msgpack: each field as u32 BE length + bytes.
 
     Order: magic, version (u32 BE), ring (UTF-8), rank (u32 BE), size (u32 BE), model (UTF-8),
-    plan (UTF-8), nonce.
+    plan (UTF-8), nonce, config (UTF-8).
     """
     parts = [magic, struct.pack(">I", info.version), info.ring.encode(),
              struct.pack(">I", info.rank), struct.pack(">I", info.size),
-             info.model.encode(), info.plan.encode(), nonce]
+             info.model.encode(), info.plan.encode(), nonce, info.config.encode()]
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 
@@ -84,6 +96,23 @@ def compute_mac(secret: bytes, prover: bytes, verifier: bytes) -> bytes:
 
 def _short(h: str) -> str:
     return h[:12] + ".." if len(h) > 14 else h
+
+
+def config_difference(theirs: str, ours: str) -> str:
+    """Name the first setting on which two ring-config claims differ ('' if they agree)."""
+    if theirs == ours:
+        return ""
+    try:
+        a, b = json.loads(theirs), json.loads(ours)
+    except ValueError:
+        return "its ring settings are unreadable"
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return "its ring settings are unreadable"
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return (f"its ring.toml has {key} = {json.dumps(a.get(key))[:80]} "
+                    f"but ours has {json.dumps(b.get(key))[:80]}")
+    return "its ring settings are encoded differently"
 
 
 # States of the pure machine; the table of which frame is legal where is in docs/protocol.md.
@@ -103,12 +132,16 @@ class Handshake:
     """
 
     def __init__(self, me: HandshakeInfo, secret: bytes, *, expect_rank: int | None = None,
-                 nonce: bytes | None = None) -> None:
+                 nonce: bytes | None = None,
+                 admit: Callable[[HandshakeInfo], str | None] | None = None) -> None:
+        """``admit`` is asked last, once the peer is authenticated and compatible: a reason it
+        returns refuses the peer for now (a refusal with ``retry``: come back later)."""
         if not secret:
             raise ValueError("the ring secret must not be empty")
         self.me = me
         self._secret = secret
         self.expect_rank = expect_rank
+        self.admit = admit
         self.nonce = nonce if nonce is not None else _secrets.token_bytes(NONCE_BYTES)
         self.state = START
         self.peer: HandshakeInfo | None = None
@@ -126,13 +159,16 @@ class Handshake:
         me = self.me
         return [("hello", {"magic": HANDSHAKE_MAGIC, "v": me.version, "ring": me.ring,
                            "rank": me.rank, "size": me.size, "model": me.model,
-                           "plan": me.plan, "nonce": self.nonce})]
+                           "plan": me.plan, "nonce": self.nonce, "cfg": me.config})]
 
-    def refuse(self, reason: str) -> Out:
-        """Give up with ``reason``: returns the refusal frame to send."""
+    def refuse(self, reason: str, *, retry: bool = False) -> Out:
+        """Give up with ``reason``: returns the refusal frame to send.
+
+        ``retry`` tells the peer that we are not ready for it yet, rather than incompatible.
+        """
         self.state = REFUSED
-        self.error = HandshakeError(reason)
-        return [("refuse", {"reason": reason[:1000]})]
+        self.error = _error(reason, retry)
+        return [("refuse", {"reason": reason[:1000], "retry": retry})]
 
     def receive(self, frame: Frame) -> Out:
         """Advance on one received frame; return the frames to send (possibly a refusal)."""
@@ -140,7 +176,8 @@ class Handshake:
             return []
         if frame.kind == "refuse":
             self.state = REFUSED
-            self.error = HandshakeError(f"peer refused the handshake: {frame.header['reason']}")
+            self.error = _error(f"peer refused the handshake: {frame.header['reason']}",
+                                frame.header.get("retry") is True)
             return []
         expected = {AWAIT_HELLO: "hello", AWAIT_AUTH: "auth", AWAIT_VERDICT: "ready"}[self.state]
         if frame.kind != expected:
@@ -165,8 +202,12 @@ class Handshake:
             return self.refuse("bad handshake nonce (wrong length or our own nonce reflected)")
         if not (0 <= h["rank"] < 2**32 and 0 < h["size"] < 2**32):
             return self.refuse(f"bad rank {h['rank']} / size {h['size']} in hello")
+        config = h.get("cfg", "")
+        if type(config) is not str:
+            return self.refuse(f"bad ring-config claim in hello (a {type(config).__name__})")
         self.peer = HandshakeInfo(ring=h["ring"], rank=h["rank"], size=h["size"],
-                                  model=h["model"], plan=h["plan"], version=h["v"])
+                                  model=h["model"], plan=h["plan"], version=h["v"],
+                                  config=config)
         self._theirs = transcript(self.peer, h["nonce"])
         self.state = AWAIT_AUTH
         return [("auth", {"mac": compute_mac(self._secret, self._mine, self._theirs)})]
@@ -190,12 +231,22 @@ class Handshake:
             return self.refuse(f"{who} has the same rank as we do")
         if peer.model != me.model:
             return self.refuse(f"{who} has model fingerprint {_short(peer.model)} "
-                               f"but we have {_short(me.model)}")
+                               f"but we have {_short(me.model)} (a different model file)")
+        if diff := config_difference(peer.config, me.config):
+            return self.refuse(f"{who} runs a different ring configuration: {diff}")
         if peer.plan != me.plan:
             return self.refuse(f"{who} has shard-plan hash {_short(peer.plan)} "
                                f"but we have {_short(me.plan)}")
+        if self.admit is not None and (reason := self.admit(peer)):
+            return self.refuse(reason, retry=True)
         self.state = AWAIT_VERDICT
         return [("ready", {})]
+
+
+def _error(reason: str, retry: bool) -> HandshakeError:
+    err = HandshakeError(reason)
+    err.retry = retry  # type: ignore[attr-defined]  # read by the connecting side's back-off
+    return err
 
 
 async def read_frame(reader: asyncio.StreamReader, decoder: FrameDecoder) -> Frame:
@@ -236,16 +287,18 @@ async def _linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                     me: HandshakeInfo, secret: bytes, expect_rank: int | None,
-                    timeout: float, peer: str = "peer") -> HandshakeInfo:
+                    timeout: float, peer: str = "peer",
+                    admit: Callable[[HandshakeInfo], str | None] | None = None) -> HandshakeInfo:
     """Run the handshake on a fresh connection; return the peer's verified claims.
 
     On success the streams are positioned just after the handshake and left open for the link.
     On failure a ``refuse`` frame with the reason is sent (unless the peer refused first or the
     connection is gone), the connection is closed, and :class:`HandshakeError` is raised with the
-    reason (``peer`` names the other side in messages).  The whole exchange is bounded by
-    ``timeout`` seconds.  Cancellation closes the connection.
+    reason (``peer`` names the other side in messages); its ``retry`` attribute is True when
+    the refusal said to come back later.  The whole exchange is bounded by ``timeout``
+    seconds.  ``admit``: see :class:`Handshake`.  Cancellation closes the connection.
     """
-    hs = Handshake(me, secret, expect_rank=expect_rank)
+    hs = Handshake(me, secret, expect_rank=expect_rank, admit=admit)
     decoder = FrameDecoder(max_frame=HANDSHAKE_MAX_FRAME, max_header=HANDSHAKE_MAX_FRAME)
     error: HandshakeError | None = None
     try:
@@ -257,12 +310,14 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
                 _send(writer, hs.receive(frame))
                 await writer.drain()
     except TimeoutError:
-        _send(writer, hs.refuse(f"handshake timed out after {timeout:g} s in state {hs.state}"))
+        # Worth retrying: the peer may only have been stalled, or busy loading.
+        _send(writer, hs.refuse(f"handshake timed out after {timeout:g} s in state {hs.state}",
+                                retry=True))
     except RemoteProtocolError as exc:
         _send(writer, hs.refuse(f"not a ringllm peer or protocol error: {exc}"))
     except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-        error = HandshakeError(f"{peer}: connection lost during handshake in state {hs.state} "
-                               f"({type(exc).__name__})")
+        error = _error(f"{peer}: connection lost during handshake in state {hs.state} "
+                       f"({type(exc).__name__})", True)
         error.__cause__ = exc  # lets a connecting caller tell "retry" from "refused"
     except BaseException:
         writer.close()
@@ -272,6 +327,6 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         return hs.peer
     if error is None:
         assert hs.error is not None
-        error = HandshakeError(f"{peer}: {hs.error}")
+        error = _error(f"{peer}: {hs.error}", getattr(hs.error, "retry", False))
     await _linger_close(reader, writer)
     raise error

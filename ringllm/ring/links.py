@@ -7,13 +7,21 @@ an idle link, and ``ping`` frames are answered without the owner's help.
 
 A :class:`TcpLink` can be lent to a worker thread (:meth:`TcpLink.lend`): the thread then
 drives the socket itself through a :class:`BlockingLink`, with no event-loop round trip.
+Links over TLS are :class:`StreamLink` (same behaviour, but never lent: the TLS state lives in
+the event loop's transport).
+
+:class:`RingListener` is a peer's listening socket for its whole life: it handshakes every
+newcomer with a deadline, drops strangers with a logged reason, and hands the verified
+predecessor to :func:`open_tcp_ring`, which (re-)forms the ring as often as it breaks.
 
 Error contract of every link:
   * once a link fails (EOF, reset, ``recv`` timeout, silence past the keepalive limit, a ``bye``
     from the peer, or :meth:`Link.close`) it stays failed; ``recv`` first returns the frames that
     arrived before the failure, then raises the failure; ``write``/``send`` raise it at once;
   * loss of the peer is :class:`PeerLostError` naming the peer; bytes that break the wire
-    protocol are :class:`RemoteProtocolError` naming the peer (the link is closed).
+    protocol are :class:`RemoteProtocolError` naming the peer (the link is closed);
+  * a ``bye`` that names a lost peer (``lost``) fails the link with PeerLostError naming *that*
+    peer, so a loss is reported by the same name all round the ring.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import logging
 import os
 import select
 import socket
+import ssl as _ssl
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +46,7 @@ from ringllm.errors import (
     RingError,
 )
 from ringllm.ring.handshake import HandshakeInfo, handshake
-from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
+from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame, encode_frame_bytes
 
 __all__ = [
     "DEFAULT_RECV_TIMEOUT",
@@ -45,6 +55,8 @@ __all__ = [
     "MemoryLink",
     "Pump",
     "RingLinks",
+    "RingListener",
+    "StreamLink",
     "TcpLink",
     "memory_link_pair",
     "memory_ring",
@@ -81,6 +93,8 @@ class Link:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = self._deadline = self._delay = 0.0
         self.last_rx = self.last_tx = time.monotonic()
+        # Set by keepalive(): a link silent this long is lost (also bounds a lent link's waits).
+        self.dead_after: float | None = None
         self.bytes_sent = 0  # every frame byte this link wrote (prefix, header, payload)
 
     # -- state ------------------------------------------------------------------------------
@@ -139,6 +153,10 @@ class Link:
         """Close the link (idempotent).  Later calls raise PeerLostError(peer, reason)."""
         self._fail(PeerLostError(self.peer, reason))
 
+    def abort(self, reason: str) -> None:
+        """Close at once, also waking a worker thread blocked on a lent socket (idempotent)."""
+        self.close(reason)
+
     # -- receiving --------------------------------------------------------------------------
     def _on_bytes(self, data: bytes) -> None:
         """Feed received bytes to the decoder and route the frames (called by the transport)."""
@@ -170,7 +188,7 @@ class Link:
             elif kind == "pong":
                 pass
             elif kind == "bye":
-                self._fail(PeerLostError(self.peer, f"peer said goodbye: {frame.header['reason']}"))
+                self._fail(_goodbye_error(self.peer, frame.header))
                 return
             else:
                 self._inbox.append(frame)
@@ -285,7 +303,13 @@ class Link:
         PeerLostError when nothing was received for ``dead_after`` s.
 
         Returns when the link closes (for whatever reason); run it in the owner's TaskGroup.
+        While the link is lent to a worker thread, pings still go out (see
+        :meth:`BlockingLink.ping_from_loop`) and the thread enforces ``dead_after``.
         """
+        self.dead_after = dead_after
+        # Silence counts from now: the link may have waited (its pings answered) while the
+        # ring was still forming elsewhere.
+        self.last_rx = max(self.last_rx, time.monotonic())
         closed = asyncio.ensure_future(self._closed_event.wait())
         try:
             while not self.closed:
@@ -293,8 +317,14 @@ class Link:
                 now = time.monotonic()
                 if self.closed:
                     break
-                if getattr(self, "_lent", None) is not None:
-                    continue  # a worker thread owns the socket; its frames keep peers happy
+                lent = getattr(self, "_lent", None)
+                if lent is not None:
+                    # A worker thread owns the socket and judges silence itself when it waits
+                    # (it is the only reader).  Ping anyway: the thread may be computing for
+                    # longer than the neighbour's dead_after without sending anything.
+                    if now - self.last_tx >= interval * 0.9:
+                        lent.ping_from_loop()
+                    continue
                 if now - self.last_rx > dead_after:
                     self._fail(PeerLostError(self.peer, f"silent for {now - self.last_rx:.1f} s"))
                     break
@@ -306,26 +336,41 @@ class Link:
         finally:
             closed.cancel()
 
-    def say_goodbye(self, reason: str, *, close: bool = True) -> None:
+    def say_goodbye(self, reason: str, *, close: bool = True, lost: str | None = None) -> None:
         """Tell the peer we are leaving on purpose (it sees PeerLostError with ``reason``).
 
-        With ``close=False`` the link stays open until the peer answers or closes.
+        ``lost`` names a peer whose loss makes us leave: the neighbour then reports that peer
+        (not us) as lost.  With ``close=False`` the link stays open until the peer answers or
+        closes.  Never raises for a link that is already down.
         """
-        if self._error is None:
-            self._write_frame("bye", {"reason": reason}, None)
+        if self._error is None and getattr(self, "_lent", None) is None:
+            header = {"reason": reason[:1000]} if lost is None else {"reason": reason[:1000], "lost": lost[:200]}
+            try:
+                self._write_frame("bye", header, None)
+            except RingError:
+                pass
         if close:
-            self.close(reason)
+            self.close(reason if lost is None else f"lost peer {lost}: {reason}")
 
 
-class TcpLink(Link):
-    """A link over a TCP connection that has passed the handshake.  Sets TCP_NODELAY.
+def _goodbye_error(peer: str, header: dict[str, Any]) -> PeerLostError:
+    lost, reason = header.get("lost"), header["reason"]
+    if type(lost) is str and lost:
+        # Name only the first reporter: the news may pass several peers.
+        return PeerLostError(lost, reason if " (reported by " in reason else f"{reason} (reported by {peer})")
+    return PeerLostError(peer, f"peer said goodbye: {header['reason']}")
+
+
+class StreamLink(Link):
+    """A link over a TCP (or TLS) connection that has passed the handshake.  Sets TCP_NODELAY.
 
     Built from the handshake's asyncio stream pair, then takes the transport over with its own
     (buffered) protocol: received bytes go straight into the decoder (no reader task, no
     StreamReader copy), which measured ~2x cheaper per small frame.  Bytes the
     StreamReader had already buffered are fed first.  ``drain`` follows the transport's
     pause/resume_writing flow control.  ``close`` aborts nothing: it closes the transport after
-    the queued bytes are written.
+    the queued bytes are written.  Over TLS use this class; plain TCP uses :class:`TcpLink`,
+    which can also be lent to a worker thread.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
@@ -402,6 +447,22 @@ class TcpLink(Link):
         if self._error is not None:
             raise self._error
 
+    def abort(self, reason: str) -> None:
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and self._error is None:
+            try:
+                # shutdown (unlike close) acts on the socket, not on one descriptor: it wakes a
+                # worker thread polling its duplicate descriptor of a lent link at once.
+                with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.close(reason)
+
+
+class TcpLink(StreamLink):
+    """A :class:`StreamLink` over plain TCP, which can be lent to a worker thread."""
+
     def lend(self, pump: Pump) -> BlockingLink:
         """Hand the socket to a worker thread until :meth:`take_back` (loop thread only).
 
@@ -428,10 +489,17 @@ class TcpLink(Link):
         lent, self._lent = self._lent, None
         if lent is None:
             return
-        lent.sock.close()  # our duplicate descriptor only
+        with lent.wlock:
+            tail, lent.tail = lent.tail, b""
+            lent.sock.close()  # our duplicate descriptor only
         if lent.error is not None:
             self._fail(lent.error)
         elif self._error is None:
+            if tail:
+                self._transport.write(tail)  # the rest of a ping sent from the loop
+            # Nobody read the socket while the thread computed: give the neighbour a fresh
+            # dead_after window rather than judging it by our own pause.
+            self.last_rx = max(self.last_rx, time.monotonic())
             self._transport.resume_reading()
             if self._inbox:
                 self._route([])
@@ -454,16 +522,30 @@ class Pump:
         self._links[link.fd] = link
 
     def wait(self, link: BlockingLink, *, write: bool, deadline: float) -> None:
-        """Service reads until ``link`` can be written (``write``) or has a frame in its inbox."""
+        """Service reads until ``link`` can be written (``write``) or has a frame in its inbox.
+
+        Fails the link (PeerLostError) at ``deadline``, or as soon as it has been silent (no
+        byte at all, pings included) for the link's ``dead_after`` seconds counted from the
+        start of this wait: a stalled neighbour is noticed within seconds, while a live one
+        that computes for a long time keeps us waiting (its event loop pings meanwhile).
+        """
         inbox = link.link._inbox
+        silent_limit = link.link.dead_after
+        start = time.monotonic()
         if write:
             self._poll.modify(link.fd, select.POLLIN | select.POLLOUT)
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     what = "could not send" if write else "no frame"
                     raise link.lost(f"{what} within {link.recv_timeout:g} s")
+                if silent_limit is not None:
+                    quiet_since = max(start, link.link.last_rx)
+                    if now - quiet_since >= silent_limit:
+                        raise link.lost(f"silent for {now - quiet_since:.1f} s")
+                    remaining = min(remaining, quiet_since + silent_limit - now)
                 ready = False
                 for fd, events in self._poll.poll(remaining * 1000 + 1):
                     other = self._links[fd]
@@ -487,6 +569,10 @@ class BlockingLink:
     Shares the link's decoder and inbox, so no byte or frame is lost across a loan.  While lent,
     pings are not answered (any frame keeps a neighbour's keepalive happy) and errors raise at
     once; :meth:`TcpLink.take_back` turns them into the link's failure.
+
+    Writes hold ``wlock`` for a whole frame, so the event loop can slip a ``ping`` in between
+    (:meth:`ping_from_loop`) while the thread computes; a ping the kernel took only in part
+    leaves its ``tail``, which the next writer sends first.
     """
 
     paused = False
@@ -496,6 +582,8 @@ class BlockingLink:
         self.peer, self.recv_timeout, self.max_frame = link.peer, link.recv_timeout, link.max_frame
         self.fd = sock.fileno()
         self.error: Exception | None = None
+        self.wlock = threading.Lock()
+        self.tail = b""
         self._scratch = memoryview(bytearray(_LinkProtocol._SCRATCH))
         sock.setblocking(False)
         pump.add(self)
@@ -580,7 +668,9 @@ class BlockingLink:
         inbox = self.link._inbox
         for frame in frames:
             if frame.kind == "bye":
-                raise self.lost(f"peer said goodbye: {frame.header['reason']}")
+                if self.error is None:
+                    self.error = _goodbye_error(self.peer, frame.header)
+                raise self.error
             if frame.kind not in ("ping", "pong"):
                 inbox.append(frame)
 
@@ -733,12 +823,44 @@ class RingLinks:
     def links(self) -> list[Link]:
         return [link for link in (self.next, self.prev) if link is not None]
 
+    @property
+    def up(self) -> bool:
+        """True while neither link has failed."""
+        return not any(link.closed for link in self.links)
+
     def close(self, reason: str = "closed locally") -> None:
         for link in self.links:
             link.close(reason)
 
+    def abandon(self, exc: BaseException) -> None:
+        """Leave a broken ring: tell both neighbours why and fail both links with ``exc``.
+
+        The ``bye`` names the lost peer (when ``exc`` is a PeerLostError), so a neighbour that
+        has not noticed the loss yet reports the same peer to its clients, and passes the news
+        on at once.  Links still lent to a worker thread are aborted (their sockets shut down)
+        so that a thread blocked on them wakes up.  Idempotent; never raises.
+        """
+        if isinstance(exc, PeerLostError):
+            lost, reason = exc.peer, exc.reason
+        else:
+            lost, reason = None, str(exc) or type(exc).__name__
+        err = exc if isinstance(exc, RingError) else PeerLostError(lost or "ring", reason)
+        for link in self.links:
+            if link.closed:
+                continue
+            # No 'lost' for the lost peer itself: it would be told that it was lost.
+            to_lost = lost is not None and _rank_name(link.peer) == _rank_name(lost)
+            link.say_goodbye(reason, close=False, lost=None if to_lost else lost)
+            if getattr(link, "_lent", None) is not None:
+                link.abort(reason)
+            link._fail(err)
+
     async def keepalive(self, interval: float = 1.0, dead_after: float = 5.0) -> None:
-        """Keep both links alive; returns (raising the failure) as soon as either fails."""
+        """Keep both links alive; returns (raising the failure) as soon as either fails.
+
+        The first failure is also the other link's failure (see :meth:`abandon`), so whoever
+        waits on either link sees the same error, naming the same peer.
+        """
         if not self.links:
             await asyncio.Event().wait()  # a ring of one never loses a neighbour
         async with asyncio.TaskGroup() as tg:
@@ -748,8 +870,9 @@ class RingLinks:
             done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for fut in pending:
                 fut.cancel()
-            self.close("a ring neighbour was lost")
-        raise next(iter(done)).result()
+            first = next(iter(done)).result()
+            self.abandon(first)
+        raise first
 
     async def shutdown(self, reason: str = "shutting down", timeout: float = 5.0) -> None:
         """Leave the ring cleanly: say goodbye on both links, wait (at most ``timeout`` s) until
@@ -775,6 +898,11 @@ class RingLinks:
         self.close()
 
 
+def _rank_name(peer: str) -> str:
+    """``"rank 2 (10.0.0.3:7000)"`` -> ``"rank 2"``: the same peer seen through two sockets."""
+    return peer.split(" (", 1)[0]
+
+
 def memory_ring(size: int, **kwargs: Any) -> list[RingLinks]:
     """In-memory links for a whole ring: element r is rank r's :class:`RingLinks`."""
     if size == 1:
@@ -788,92 +916,245 @@ def memory_ring(size: int, **kwargs: Any) -> list[RingLinks]:
     return [RingLinks(r, size, nexts[r], prevs[(r - 1) % size]) for r in range(size)]
 
 
+_MAX_PENDING_HANDSHAKES = 16
+
+
+class RingListener:
+    """Rank ``rank``'s listening socket, open for the peer's whole life.
+
+    Every incoming connection is handshaked within ``handshake_timeout`` seconds (after a TLS
+    handshake, with ``ssl``), at most ``max_pending`` at once (later ones are closed unread).
+    Whatever fails — bytes that are not our protocol, silence, a wrong secret, a replayed
+    handshake, a different model, ring.toml or protocol version, a wrong rank — is logged with
+    its reason and dropped; the running ring never notices.  Only the predecessor (rank - 1)
+    is admitted, and only while we hold no live link to it: otherwise it is refused with
+    ``retry`` (a duplicate rank, or a reconnect that beat our failure detection, which then
+    connects again after a back-off).  An admitted link waits for :meth:`accept_prev`; a newer
+    one replaces it.
+    """
+
+    def __init__(self, rank: int, size: int, *, me: HandshakeInfo, secret: bytes,
+                 handshake_timeout: float = 10.0, recv_timeout: float = DEFAULT_RECV_TIMEOUT,
+                 max_frame: int = DEFAULT_MAX_FRAME, ssl: _ssl.SSLContext | None = None,
+                 max_pending: int = _MAX_PENDING_HANDSHAKES) -> None:
+        if size < 2 or not 0 <= rank < size:
+            raise ValueError(f"a listener needs a ring of 2 or more, not rank {rank} of {size}")
+        self.rank, self.size, self.pred = rank, size, (rank - 1) % size
+        self.me, self._secret, self.ssl = me, secret, ssl
+        self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
+        self._link_kw = {"recv_timeout": recv_timeout, "max_frame": max_frame}
+        self._server: asyncio.AbstractServer | None = None
+        self._slot: Link | None = None  # an admitted predecessor waiting for accept_prev
+        self._current: Link | None = None  # the predecessor link of the ring in use
+        self._changed = asyncio.Event()
+        self._handshaking = 0
+        self.refused = 0  # connections dropped so far (for tests and logs)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually listened on."""
+        assert self._server is not None, "start() the listener first"
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def start(self, host: str | None = None, port: int | None = None, *,
+                    sock: socket.socket | None = None) -> RingListener:
+        """Listen on ``host:port`` (or the already bound ``sock``); returns self."""
+        if sock is not None:
+            self._server = await asyncio.start_server(self._on_accept, sock=sock, limit=_STREAM_LIMIT)
+        else:
+            try:
+                self._server = await asyncio.start_server(self._on_accept, host, port, limit=_STREAM_LIMIT,
+                                                          reuse_address=True)
+            except OSError as exc:
+                raise PeerLostError(f"rank {self.rank} (this peer)",
+                                    f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another "
+                                    f"peer already running as rank {self.rank}?)") from None
+        return self
+
+    def close(self) -> None:
+        """Stop listening and drop a predecessor link that was never taken (idempotent)."""
+        if self._server is not None:
+            self._server.close()
+        if self._slot is not None:
+            self._slot.close("the peer stopped listening")
+            self._slot = None
+
+    async def __aenter__(self) -> RingListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def accept_prev(self) -> Link:
+        """Wait for a verified link from the predecessor and make it the current one.
+
+        Cancellation-safe: an admitted link stays in the slot for the next call.
+        """
+        while True:
+            link, self._slot = self._slot, None
+            if link is not None and not link.closed:
+                self._current = link
+                return link
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _admit(self, peer: HandshakeInfo) -> str | None:
+        cur = self._current
+        if cur is not None and not cur.closed:
+            quiet = time.monotonic() - cur.last_rx
+            return (f"rank {self.rank} already has a live link from rank {peer.rank} (last frame "
+                    f"{quiet:.1f} s ago): a duplicate rank {peer.rank}, or a reconnect before "
+                    f"the old link failed; retry later")
+        return None
+
+    def _refused(self, where: Any, why: object) -> None:
+        self.refused += 1
+        log.warning("rank %d dropped a connection from %s: %s", self.rank, where, why)
+
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        where = writer.get_extra_info("peername")
+        name = f"{where[0]}:{where[1]}" if isinstance(where, tuple) else str(where)
+        if self._handshaking >= self.max_pending:
+            self._refused(name, f"{self._handshaking} handshakes already in progress")
+            writer.transport.abort()
+            return
+        self._handshaking += 1
+        try:
+            await self._handshake(reader, writer, name)
+        finally:
+            self._handshaking -= 1
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         name: str) -> None:
+        if self.ssl is not None:
+            try:
+                async with asyncio.timeout(self.handshake_timeout):
+                    await writer.start_tls(self.ssl)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                self._refused(name, f"TLS handshake failed: {exc!r}")
+                writer.transport.abort()
+                return
+        try:
+            await handshake(reader, writer, me=self.me, secret=self._secret, expect_rank=self.pred,
+                            timeout=self.handshake_timeout, peer=f"incoming {name}", admit=self._admit)
+        except HandshakeError as exc:
+            self._refused(name, exc)
+            return
+        except OSError as exc:
+            self._refused(name, f"connection failed: {exc!r}")
+            writer.close()
+            return
+        cls = StreamLink if self.ssl is not None else TcpLink
+        link = cls(reader, writer, f"rank {self.pred} ({name})", **self._link_kw)
+        if self._current is not None and not self._current.closed:  # appeared meanwhile: rare
+            link.say_goodbye(f"rank {self.rank} already has a live link from rank {self.pred}")
+            self._refused(name, "a live link from this rank appeared during the handshake")
+            return
+        if self._slot is not None:
+            self._slot.say_goodbye("superseded by a newer connection from the same rank")
+        self._slot = link
+        self._changed.set()
+        log.info("rank %d: accepted rank %d from %s", self.rank, self.pred, name)
+
+
 async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: HandshakeInfo,
-                        secret: bytes, timeout: float = 60.0, handshake_timeout: float = 10.0,
+                        secret: bytes, timeout: float | None = 60.0, handshake_timeout: float = 10.0,
                         recv_timeout: float = DEFAULT_RECV_TIMEOUT,
                         listen_sock: socket.socket | None = None,
-                        max_frame: int = DEFAULT_MAX_FRAME) -> RingLinks:
-    """Join a TCP ring: accept the predecessor, connect to the successor (with back-off).
+                        max_frame: int = DEFAULT_MAX_FRAME, listener: RingListener | None = None,
+                        ssl_client: _ssl.SSLContext | None = None,
+                        ssl_server: _ssl.SSLContext | None = None,
+                        refusals_are_final: bool = True) -> RingLinks:
+    """Join (or re-join) a TCP ring: connect to the successor, take the predecessor.
 
-    ``addrs[r]`` is rank r's listening address; we listen on ``addrs[rank]`` (or on the already
-    bound ``listen_sock``).  Incoming connections that fail the handshake are logged and
-    dropped; a handshake refusal on our outgoing connection raises :class:`HandshakeError` (a
-    configuration mismatch that retrying cannot fix).  Connection failures are retried until
-    ``timeout`` s have passed, then PeerLostError is raised.  The listener is closed once both
-    links are up.  Cancellation closes everything opened so far.
+    ``addrs[r]`` is rank r's listening address.  With ``listener`` (a started
+    :class:`RingListener` that the caller keeps for the peer's life) the predecessor comes
+    from it and the ring can be formed again after every loss, while strangers keep being
+    handshaked and dropped; without one, a listener on ``addrs[rank]`` (or on the already bound
+    ``listen_sock``, with ``ssl_server``) is opened for this call and closed once both links
+    are up.  ``ssl_client`` makes the outgoing connection TLS.
+
+    Connection failures, handshake timeouts and refusals marked ``retry`` are retried with
+    exponential back-off (50 ms .. 2 s) until ``timeout`` s have passed (None: forever), then
+    PeerLostError is raised.  A refusal by the successor that is a configuration mismatch
+    raises :class:`HandshakeError` when ``refusals_are_final`` (retrying cannot fix it);
+    otherwise it is logged and retried, so a survivor waits until the misconfigured peer is
+    fixed.  Cancellation closes everything opened by this call.
     """
     size = len(addrs)
     if size == 1:
         return RingLinks(0, 1, None, None)
     succ, pred = (rank + 1) % size, (rank - 1) % size
-    loop = asyncio.get_running_loop()
-    prev_fut: asyncio.Future[TcpLink] = loop.create_future()
     link_kw = {"recv_timeout": recv_timeout, "max_frame": max_frame}
-
-    async def on_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        where = writer.get_extra_info("peername")
-        try:
-            await handshake(reader, writer, me=me, secret=secret, expect_rank=pred,
-                            timeout=handshake_timeout, peer=f"incoming {where}")
-        except HandshakeError as exc:
-            log.warning("rank %d refused a connection: %s", rank, exc)
-            return
-        except OSError as exc:
-            log.warning("rank %d: incoming connection from %s failed: %r", rank, where, exc)
-            writer.close()
-            return
-        if prev_fut.done():
-            writer.close()
-            return
-        prev_fut.set_result(TcpLink(reader, writer, f"rank {pred} ({where[0]}:{where[1]})", **link_kw))
-
-    if listen_sock is not None:
-        server = await asyncio.start_server(on_accept, sock=listen_sock, limit=_STREAM_LIMIT)
-    else:
-        host, port = addrs[rank]
-        server = await asyncio.start_server(on_accept, host, port, limit=_STREAM_LIMIT,
-                                            reuse_address=True)
-    next_link: TcpLink | None = None
+    own = listener is None
+    if listener is None:
+        listener = RingListener(rank, size, me=me, secret=secret, handshake_timeout=handshake_timeout,
+                                ssl=ssl_server, **link_kw)
+        if listen_sock is not None:
+            await listener.start(sock=listen_sock)
+        else:
+            await listener.start(*addrs[rank])
+    next_link: Link | None = None
+    prev_link: Link | None = None
     try:
         async with asyncio.timeout(timeout):
-            next_link = await _connect(addrs[succ], succ, me=me, secret=secret,
-                                       handshake_timeout=handshake_timeout, link_kw=link_kw)
-            prev_link = await prev_fut
+            # A link that dies before both are up (e.g. its other end was still leaving an
+            # older ring) is replaced quietly: failing now would close the other, live link
+            # and push a neighbour that has just re-formed into another round.
+            while True:
+                if next_link is None or next_link.closed:
+                    next_link = await _connect(addrs[succ], succ, me=me, secret=secret, ssl=ssl_client,
+                                               handshake_timeout=handshake_timeout, link_kw=link_kw,
+                                               refusals_are_final=refusals_are_final, rank=rank)
+                if prev_link is None or prev_link.closed:
+                    prev_link = await listener.accept_prev()
+                if not next_link.closed and not prev_link.closed:
+                    break
     except TimeoutError:
-        if next_link is not None:
-            next_link.close()
-        missing = succ if next_link is None else pred
+        for link in (next_link, prev_link):
+            if link is not None:
+                link.close()
+        missing = succ if next_link is None or next_link.closed else pred
         raise PeerLostError(f"rank {missing}", f"ring not whole after {timeout:g} s") from None
     except BaseException:
         if next_link is not None:
             next_link.close()
+        if prev_link is not None:
+            prev_link.close()
         raise
     finally:
-        server.close()
-        if prev_fut.done() and not prev_fut.cancelled() and next_link is None:
-            prev_fut.result().close()
+        if own:
+            listener.close()
     return RingLinks(rank, size, next_link, prev_link)
 
 
 async def _connect(addr: tuple[str, int], succ: int, *, me: HandshakeInfo, secret: bytes,
-                   handshake_timeout: float, link_kw: dict[str, Any]) -> TcpLink:
+                   handshake_timeout: float, link_kw: dict[str, Any], ssl: _ssl.SSLContext | None,
+                   refusals_are_final: bool, rank: int) -> Link:
     delay = 0.05
     host, port = addr
+    name = f"rank {succ} ({host}:{port})"
+    said = ""  # the last refusal logged, so a peer that keeps refusing is logged once
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port, limit=_STREAM_LIMIT)
-        except OSError as exc:
-            log.debug("connect to rank %d at %s:%d failed (%s); retrying", succ, host, port, exc)
+            reader, writer = await asyncio.open_connection(
+                host, port, limit=_STREAM_LIMIT, ssl=ssl,
+                ssl_handshake_timeout=handshake_timeout if ssl is not None else None)
+        except (OSError, TimeoutError) as exc:  # includes ssl.SSLError
+            log.debug("connect to %s failed (%r); retrying", name, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             continue
         try:
             await handshake(reader, writer, me=me, secret=secret, expect_rank=succ,
-                            timeout=handshake_timeout, peer=f"rank {succ} ({host}:{port})")
+                            timeout=handshake_timeout, peer=name)
         except HandshakeError as exc:
-            if isinstance(exc.__cause__, (asyncio.IncompleteReadError, OSError)):
-                # The connection broke mid-handshake (e.g. the peer restarted): retry.
-                await asyncio.sleep(delay)
-                continue
-            raise
-        return TcpLink(reader, writer, f"rank {succ} ({host}:{port})", **link_kw)
+            if not getattr(exc, "retry", False) and refusals_are_final:
+                raise
+            if str(exc) != said:
+                said = str(exc)
+                log.warning("rank %d: %s; retrying", rank, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        return (StreamLink if ssl is not None else TcpLink)(reader, writer, name, **link_kw)

@@ -374,6 +374,51 @@ def test_cut_before_the_first_token_frees_the_slot(tiny_ring):
     tiny_ring.wait_idle(10)
 
 
+def test_a_client_that_accepts_no_bytes_is_cancelled_after_the_write_timeout(tmp_path):
+    """Small socket buffers on both sides so that the stall shows after a few KB: the handler
+    gives up after write_timeout, and the sequence is cancelled long before max_tokens."""
+    from aiohttp import web
+
+    from ringllm.ring.config import free_ports
+    from ringllm.server import METRICS_KEY, make_app
+    from tests.synth import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny4k.gguf", context_length=4096)
+    with RingThread(peers=1, model=str(model)) as rt:
+        port = free_ports(1)[0]
+        app = make_app(rt.peers[0], write_timeout=1.0)
+
+        async def serve():
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+            listener.bind(("127.0.0.1", port))
+            await web.SockSite(runner, listener).start()
+            return runner
+
+        runner = rt.call(serve)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        client.connect(("127.0.0.1", port))
+        body = json.dumps({"prompt": "the", "max_tokens": 4000, "ignore_eos": True, "stream": True,
+                           "logprobs": 20}).encode()
+        client.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                       + body)
+        try:
+            metrics = app[METRICS_KEY]
+            deadline = time.monotonic() + 60
+            while metrics.in_progress or not metrics.outcomes:
+                assert time.monotonic() < deadline, "the stalled stream was never given up"
+                time.sleep(0.1)
+            assert metrics.outcomes == {"cancelled": 1}
+            rt.wait_idle(5)
+            assert rt.peers[0].stats.tokens < 4000
+        finally:
+            client.close()
+            rt.call(runner.cleanup)
+
+
 # -- misbehaving clients on the real model --------------------------------------------------
 @pytest.fixture(scope="module")
 def ring():

@@ -32,8 +32,10 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise RequestError("the prompt is empty (no tokens)")
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if not 1 <= self.max_tokens < 2**31:
+            raise RequestError(f"max_tokens must be in [1, 2**31) (got {self.max_tokens})")
+        if any(not 0 <= t < 2**31 for t in self.prompt_ids):
+            raise RequestError("prompt token ids must be in [0, 2**31)")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
 

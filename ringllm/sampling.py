@@ -54,11 +54,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.top_k < 2**31, "top_k must be in [0, 2**31)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (0 <= self.repeat_last_n < 2**31, "repeat_last_n must be in [0, 2**31)"),
             (0 <= self.top_logprobs <= 20, "top_logprobs must be between 0 and 20"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
         ]

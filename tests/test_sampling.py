@@ -172,3 +172,16 @@ def test_batched_greedy_makes_one_gather():
     calls.clear()
     choose_batch(logits, 0, 100, [SamplingParams(temperature=0.7, seed=i) for i in range(8)], [0] * 8, [[]] * 8, gather)
     assert len(calls) == 2
+
+
+def test_values_that_would_not_fit_the_wire_are_refused_up_front():
+    """Everything in a request crosses the control all-gather (msgpack): huge ints must be
+    refused where the request is made, not break the ring later."""
+    from ringllm.generation import Request
+
+    with pytest.raises(RequestError, match="top_k"):
+        SamplingParams(top_k=2**70)
+    with pytest.raises(RequestError, match="max_tokens"):
+        Request((1, 2), max_tokens=2**70)
+    with pytest.raises(RequestError, match="prompt token ids"):
+        Request((1, 2**64))

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from ringllm.errors import RequestError, RingError
+from ringllm.errors import RingError
 from ringllm.generation import Request, Step
 from ringllm.runtime import ModelInfo, prompt_ids
 from ringllm.sampling import SamplingParams
@@ -480,8 +480,7 @@ async def _events(http: web.Request, resp: web.StreamResponse, stream: StepStrea
             await write(http, resp, sse(answer.usage_chunk()))
     except RingError as exc:
         stream.rec.outcome = "error"
-        status, kind = status_for(exc)
-        await write(http, resp, sse(error_body(str(exc), kind)))
+        await write(http, resp, sse(error_body(str(exc), status_for(exc)[1])))
     await write(http, resp, sse("[DONE]"))
 
 
@@ -490,6 +489,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model}", handle_model)
-
-
-__all__ = ["ApiRequest", "parse_chat", "parse_completion", "add_routes", "model_id", "RequestError"]

@@ -419,6 +419,36 @@ def test_a_client_that_accepts_no_bytes_is_cancelled_after_the_write_timeout(tmp
             rt.call(runner.cleanup)
 
 
+def test_a_broken_ring_ends_streams_with_an_error_event_then_answers_503(tmp_path):
+    import openai
+
+    from tests.synth import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny4k.gguf", context_length=4096)
+    with RingThread(peers=2, model=str(model), links="tcp") as rt:
+        client = openai.OpenAI(base_url=f"http://{rt.addresses[0]}/v1", api_key="x", max_retries=0)
+        stream = client.completions.create(model="tiny", prompt="the", max_tokens=4000, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+
+        async def cut():
+            rt.peers[1].links.close("test: pulled the plug")
+
+        rt.call(cut)
+        with pytest.raises(openai.APIError, match="lost peer"):
+            for _ in stream:
+                pass
+        deadline = time.monotonic() + 30
+        while rt.peers[0].failure is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, headers, reply = post(rt.addresses[0], "/v1/completions", {"prompt": "the", "max_tokens": 2})
+        assert status == 503 and headers["Retry-After"] == "5" and "lost peer" in reply["error"]["message"]
+        h = json.loads(get(rt.addresses[0], "/health")[1])
+        assert h["status"] == "down" and "lost peer" in h["last_error"]
+        assert 'ringllm_ring_up{rank="0"} 0' in get(rt.addresses[0], "/metrics")[1]
+
+
 # -- misbehaving clients on the real model --------------------------------------------------
 @pytest.fixture(scope="module")
 def ring():

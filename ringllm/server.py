@@ -258,8 +258,11 @@ def sampling_from(body: dict[str, Any], defaults: SamplingParams = SamplingParam
         kw[name] = kind(v)
     if "seed" not in kw:
         kw["seed"] = int.from_bytes(os.urandom(7), "little")
-    base = {**defaults.__dict__, **kw}
-    return SamplingParams(**base)
+    try:
+        return SamplingParams(**{**defaults.__dict__, **kw})
+    except RequestError as exc:  # its messages start with the field's name
+        name = str(exc).split(" ", 1)[0]
+        raise ApiError(str(exc), param=name if name in _SAMPLING_FIELDS else None) from None
 
 
 _NATIVE_FIELDS = frozenset({"prompt", "raw", "system", "messages", "prompt_ids", "max_tokens", "stop", "ignore_eos",

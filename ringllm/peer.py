@@ -135,6 +135,7 @@ class Peer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
         self.down_since: float | None = None  # time.time() of the last ring failure while down
+        self._bytes_before = 0  # bytes_sent on the links of earlier rings
         self.ring_formations = 1  # how many rings this peer has run on (1 + rebinds)
 
     def rebind(self, links: RingLinks) -> None:
@@ -143,6 +144,8 @@ class Peer:
         Call :meth:`run` next. Raises ValueError for links of another rank or ring size."""
         if (links.rank, links.size) != (self.rank, self.size):
             raise ValueError(f"links are for rank {links.rank}/{links.size}, not {self.rank}/{self.size}")
+        self._bytes_before += sum(link.bytes_sent for link in self.links.links)
+        self.stats.bytes_sent = self._bytes_before
         self.links = links
         self.coll = Collectives(links.rank, links.size, links, self.wire)
         if getattr(self._pool, "_shutdown", False):
@@ -257,7 +260,7 @@ class Peer:
         self.stats.step_seconds += time.perf_counter() - t0
         self.stats.sync_seconds += t1 - t0
         self.stats.steps += 1
-        self.stats.bytes_sent = sum(link.bytes_sent for link in self.links.links)
+        self.stats.bytes_sent = self._bytes_before + sum(link.bytes_sent for link in self.links.links)
         for run, choice in zip(batch, choices):
             step = run.seq.accept(choice)
             self.stats.tokens += 1

@@ -20,8 +20,11 @@ import os
 import re
 import secrets
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -185,24 +188,39 @@ class Ring:
 
 
 class Proxy:
-    """A TCP proxy on 127.0.0.1 (for a cut link): forwards each connection to ``target``.
+    """A TCP proxy on 127.0.0.1 (a cut link): forwards each connection to ``target``.
 
-    ``drop()`` closes every current connection (both ends see EOF/RST); ``freeze()`` stops
-    forwarding on them but keeps them open (both ends see silence). New connections are
-    forwarded normally either way, so the ring can form again through the proxy.
+    Runs its own event loop in a thread, so it outlives any test's loop. ``drop()`` resets
+    every current connection (both ends see a reset, as when a middlebox drops the flow);
+    ``freeze()`` stops forwarding on them but keeps them open (both ends see silence). New
+    connections are forwarded normally either way, so the ring can form again through it.
     """
 
     def __init__(self, target: tuple[str, int], port: int) -> None:
         self.target, self.port = target, port
-        self._server: asyncio.AbstractServer | None = None
         self._conns: list[dict[str, Any]] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
+        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> "Proxy":
-        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", self.port, reuse_address=True)
+    def __enter__(self) -> "Proxy":
+        self._thread.start()
+        self._call(self._start())
         return self
 
-    async def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.drop()
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
 
@@ -232,26 +250,31 @@ class Proxy:
 
     def freeze(self) -> int:
         """Stop forwarding on every open connection; returns how many."""
-        for c in self._conns:
-            c["frozen"] = True
-        n, self._conns = len(self._conns), []
-        return n
+
+        async def go() -> int:
+            for c in self._conns:
+                c["frozen"] = True
+            n, self._conns = len(self._conns), []
+            return n
+
+        return self._call(go())
 
     def drop(self) -> int:
         """Reset every open connection; returns how many."""
-        for c in self._conns:
-            for w in c["writers"]:
-                sock = w.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        # SO_LINGER 0: close sends RST, as a middlebox dropping the flow would.
-                        import socket
-                        import struct
 
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                w.transport.abort()
-        n, self._conns = len(self._conns), []
-        return n
+        async def go() -> int:
+            for c in self._conns:
+                for w in c["writers"]:
+                    sock = w.get_extra_info("socket")
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            # SO_LINGER 0: the close sends RST.
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    w.transport.abort()
+            n, self._conns = len(self._conns), []
+            return n
+
+        return self._call(go())
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ringllm.errors import (
+    ConfigError,
     HandshakeError,
     LocalProtocolError,
     PeerLostError,
@@ -848,9 +849,11 @@ class RingLinks:
         for link in self.links:
             if link.closed:
                 continue
-            # No 'lost' for the lost peer itself: it would be told that it was lost.
-            to_lost = lost is not None and _rank_name(link.peer) == _rank_name(lost)
-            link.say_goodbye(reason, close=False, lost=None if to_lost else lost)
+            # The lost peer itself (still reachable on this link) is told so plainly.
+            if lost is not None and _rank_name(link.peer) == _rank_name(lost):
+                link.say_goodbye(f"the ring lost contact with you ({reason})", close=False)
+            else:
+                link.say_goodbye(reason, close=False, lost=lost)
             if getattr(link, "_lent", None) is not None:
                 link.abort(reason)
             link._fail(err)
@@ -943,7 +946,9 @@ class RingListener:
         self.me, self._secret, self.ssl = me, secret, ssl
         self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
         self._link_kw = {"recv_timeout": recv_timeout, "max_frame": max_frame}
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
         self._slot: Link | None = None  # an admitted predecessor waiting for accept_prev
         self._current: Link | None = None  # the predecessor link of the ring in use
         self._changed = asyncio.Event()
@@ -953,28 +958,55 @@ class RingListener:
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) actually listened on."""
-        assert self._server is not None, "start() the listener first"
-        return self._server.sockets[0].getsockname()[:2]
+        assert self._sock is not None, "start() the listener first"
+        return self._sock.getsockname()[:2]
 
     async def start(self, host: str | None = None, port: int | None = None, *,
                     sock: socket.socket | None = None) -> RingListener:
-        """Listen on ``host:port`` (or the already bound ``sock``); returns self."""
-        if sock is not None:
-            self._server = await asyncio.start_server(self._on_accept, sock=sock, limit=_STREAM_LIMIT)
-        else:
+        """Listen on ``host:port`` (or the already bound ``sock``); returns self.
+
+        Raises ConfigError when the address is taken (e.g. by another peer of the same rank).
+        """
+        if sock is None:
             try:
-                self._server = await asyncio.start_server(self._on_accept, host, port, limit=_STREAM_LIMIT,
-                                                          reuse_address=True)
+                family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+                sock = socket.create_server((host or "", port or 0), family=family, backlog=64)
             except OSError as exc:
-                raise PeerLostError(f"rank {self.rank} (this peer)",
-                                    f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another "
-                                    f"peer already running as rank {self.rank}?)") from None
+                raise ConfigError(f"rank {self.rank}: cannot listen on {host}:{port}: {exc.strerror or exc} "
+                                  f"(is another peer already running as rank {self.rank}?)") from None
+        else:
+            sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = asyncio.ensure_future(self._accept_loop())
         return self
 
+    async def _accept_loop(self) -> None:
+        # Our own accept loop (not asyncio.start_server) so that a failed TLS handshake reaches
+        # us as an exception we can log: a server's transports handle it silently.
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # e.g. out of descriptors: log, breathe, go on
+                log.warning("rank %d: accept failed: %r", self.rank, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._on_accept(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def close(self) -> None:
-        """Stop listening and drop a predecessor link that was never taken (idempotent)."""
-        if self._server is not None:
-            self._server.close()
+        """Stop listening, abandon handshakes in progress and drop a predecessor link that was
+        never taken (idempotent)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close()
         if self._slot is not None:
             self._slot.close("the peer stopped listening")
             self._slot = None
@@ -1007,48 +1039,62 @@ class RingListener:
                     f"the old link failed; retry later")
         return None
 
-    def _refused(self, where: Any, why: object) -> None:
+    def _refused(self, why: object) -> None:
         self.refused += 1
-        log.warning("rank %d dropped a connection from %s: %s", self.rank, where, why)
+        log.warning("rank %d dropped %s", self.rank, why)
 
-    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        where = writer.get_extra_info("peername")
-        name = f"{where[0]}:{where[1]}" if isinstance(where, tuple) else str(where)
+    async def _on_accept(self, conn: socket.socket) -> None:
+        try:
+            where = conn.getpeername()
+            name = f"{where[0]}:{where[1]}"
+        except OSError:
+            conn.close()
+            return
         if self._handshaking >= self.max_pending:
-            self._refused(name, f"{self._handshaking} handshakes already in progress")
-            writer.transport.abort()
+            self._refused(f"connection from {name}: {self._handshaking} handshakes already in progress")
+            conn.close()
             return
         self._handshaking += 1
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_STREAM_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            await self._handshake(reader, writer, name)
+            try:
+                async with asyncio.timeout(self.handshake_timeout):
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol, conn, ssl=self.ssl,
+                        ssl_handshake_timeout=self.handshake_timeout if self.ssl is not None else None)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                what = "TLS handshake failed" if self.ssl is not None else "connection failed"
+                self._refused(f"connection from {name}: {what}: {exc!r}")
+                conn.close()
+                return
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            try:
+                await self._handshake(reader, writer, name)
+            except asyncio.CancelledError:
+                transport.abort()
+                raise
         finally:
             self._handshaking -= 1
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          name: str) -> None:
-        if self.ssl is not None:
-            try:
-                async with asyncio.timeout(self.handshake_timeout):
-                    await writer.start_tls(self.ssl)
-            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-                self._refused(name, f"TLS handshake failed: {exc!r}")
-                writer.transport.abort()
-                return
         try:
             await handshake(reader, writer, me=self.me, secret=self._secret, expect_rank=self.pred,
-                            timeout=self.handshake_timeout, peer=f"incoming {name}", admit=self._admit)
+                            timeout=self.handshake_timeout, peer=f"connection from {name}", admit=self._admit)
         except HandshakeError as exc:
-            self._refused(name, exc)
+            self._refused(exc)
             return
         except OSError as exc:
-            self._refused(name, f"connection failed: {exc!r}")
+            self._refused(f"connection from {name}: connection failed: {exc!r}")
             writer.close()
             return
         cls = StreamLink if self.ssl is not None else TcpLink
         link = cls(reader, writer, f"rank {self.pred} ({name})", **self._link_kw)
         if self._current is not None and not self._current.closed:  # appeared meanwhile: rare
             link.say_goodbye(f"rank {self.rank} already has a live link from rank {self.pred}")
-            self._refused(name, "a live link from this rank appeared during the handshake")
+            self._refused(f"connection from {name}: a live link from rank {self.pred} appeared during the handshake")
             return
         if self._slot is not None:
             self._slot.say_goodbye("superseded by a newer connection from the same rank")
@@ -1151,9 +1197,10 @@ async def _connect(addr: tuple[str, int], succ: int, *, me: HandshakeInfo, secre
         except HandshakeError as exc:
             if not getattr(exc, "retry", False) and refusals_are_final:
                 raise
-            if str(exc) != said:
+            if str(exc) != said:  # each distinct reason once; a mismatch is worth a warning
                 said = str(exc)
-                log.warning("rank %d: %s; retrying", rank, exc)
+                log.log(logging.INFO if getattr(exc, "retry", False) else logging.WARNING,
+                        "rank %d: %s; retrying", rank, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             continue

@@ -314,7 +314,8 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         _send(writer, hs.refuse(f"handshake timed out after {timeout:g} s in state {hs.state}",
                                 retry=True))
     except RemoteProtocolError as exc:
-        _send(writer, hs.refuse(f"not a ringllm peer or protocol error: {exc}"))
+        hint = " (it speaks TLS: is [tls] missing from our ring.toml?)" if "b'\\x16\\x03'" in str(exc) else ""
+        _send(writer, hs.refuse(f"not a ringllm peer or protocol error: {exc}{hint}"))
     except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
         error = _error(f"{peer}: connection lost during handshake in state {hs.state} "
                        f"({type(exc).__name__})", True)

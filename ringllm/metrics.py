@@ -148,14 +148,21 @@ def kv_cache_bytes(peer: Any) -> int:
     return sum(r.seq.cache.nbytes for r in list(getattr(peer, "_running", ())))
 
 
-def wire_bytes(peer: Any) -> tuple[int, int] | None:
-    """(bytes sent, bytes received) on the peer's ring links, if the links count them."""
+def wire_bytes(peer: Any) -> dict[str, int]:
+    """Bytes the peer's ring links moved, by direction, as far as they are counted.
+
+    The peer counts frame bytes sent (over every ring it has been part of); received bytes
+    are counted only if the links offer ``bytes_received``.
+    """
+    out = {}
+    sent = getattr(peer.stats, "bytes_sent", None)
+    if isinstance(sent, int):
+        out["sent"] = sent
     links = getattr(getattr(peer, "links", None), "links", None) or []
-    sent = [getattr(lk, "bytes_sent", None) for lk in links]
     recv = [getattr(lk, "bytes_received", None) for lk in links]
-    if not links or any(not isinstance(x, int) for x in sent + recv):
-        return None
-    return sum(sent), sum(recv)
+    if links and all(isinstance(x, int) for x in recv):
+        out["received"] = sum(recv)
+    return out
 
 
 def render(metrics: Metrics, peer: Any) -> str:
@@ -203,9 +210,9 @@ def render(metrics: Metrics, peer: Any) -> str:
     one("ringllm_weights_bytes", "gauge", "Bytes of model weights held by this peer.", peer.model.w.nbytes)
     if (rss := rss_bytes()) is not None:
         one("ringllm_resident_memory_bytes", "gauge", "Resident memory of this peer's process.", rss)
-    if (wb := wire_bytes(peer)) is not None:
-        add("ringllm_ring_bytes_total", "counter", "Bytes moved on this peer's ring links.",
-            [f"ringllm_ring_bytes_total{_labels({**base, 'direction': d})} {n}" for d, n in zip(("sent", "received"), wb)])
+    if wb := wire_bytes(peer):
+        add("ringllm_ring_bytes_total", "counter", "Frame bytes on this peer's ring links, by direction.",
+            [f"ringllm_ring_bytes_total{_labels({**base, 'direction': d})} {n}" for d, n in wb.items()])
     up = peer.failure is None
     one("ringllm_ring_up", "gauge", "1 while this peer's ring runs, 0 after it broke.", int(up))
     one("ringllm_ring_peers", "gauge", "Peers in the ring.", peer.size)

@@ -321,6 +321,7 @@ def test_metrics_exposition(tiny_ring):
     assert samples['ringllm_completion_tokens_total{rank="1"}'] >= 1
     assert samples['ringllm_time_to_first_token_seconds_count{rank="1"}'] >= 1
     assert samples['ringllm_ring_peers_up{rank="1"}'] == 3
+    assert samples['ringllm_ring_bytes_total{rank="1",direction="sent"}'] > 0
     for name in ("ringllm_sync_seconds_total", "ringllm_compute_seconds_total", "ringllm_kv_cache_bytes",
                  "ringllm_resident_memory_bytes", "ringllm_queue_depth", "ringllm_running_sequences"):
         assert f'{name}{{rank="1"}}' in samples

@@ -28,5 +28,5 @@ def test_example_runs(name, smollm2_path):
                          timeout=240, cwd=EXAMPLES.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     for needle in EXPECT[name]:
-        assert needle in out.stdout, out.stdout
+        assert needle in out.stdout, f"{needle!r} missing\n--- stdout\n{out.stdout}\n--- stderr\n{out.stderr[-3000:]}"
     assert "Traceback" not in out.stderr

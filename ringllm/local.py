@@ -91,7 +91,7 @@ class LocalRing:
         from ringllm.server import make_app
 
         for peer, port in zip(self.peers, free_ports(self.size)):
-            runner = web.AppRunner(make_app(peer), access_log=None)
+            runner = web.AppRunner(make_app(peer, api_key=self.api_key), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
             self._runners.append(runner)

@@ -140,8 +140,9 @@ class Peer:
 
     def rebind(self, links: RingLinks) -> None:
         """Continue on a re-formed ring after :meth:`run` raised: new links and collectives
-        (the model, its weights and the counters are kept); requests are accepted again.
-        Call :meth:`run` next. Raises ValueError for links of another rank or ring size."""
+        (the model, its weights and the counters are kept). Call :meth:`run` next: requests
+        are accepted again once every peer has joined the new ring. Raises ValueError for
+        links of another rank or ring size."""
         if (links.rank, links.size) != (self.rank, self.size):
             raise ValueError(f"links are for rank {links.rank}/{links.size}, not {self.rank}/{self.size}")
         self._bytes_before += sum(link.bytes_sent for link in self.links.links)
@@ -150,8 +151,6 @@ class Peer:
         self.coll = Collectives(links.rank, links.size, links, self.wire)
         if getattr(self._pool, "_shutdown", False):
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ringllm-compute-{self.rank}")
-        self._failed = None
-        self.down_since = None
         self.ring_formations += 1
 
     # -- the client side --------------------------------------------------------------------
@@ -198,7 +197,8 @@ class Peer:
 
     @property
     def ring_up(self) -> bool:
-        """False from a ring failure until :meth:`rebind`: requests are refused meanwhile."""
+        """False from a ring failure until every peer has joined a re-formed ring (see
+        :meth:`run`): requests are refused meanwhile."""
         return self._failed is None
 
     def _down_error(self) -> PeerLostError:
@@ -224,10 +224,13 @@ class Peer:
         On failure, or cancellation, every in-flight request on this peer gets the error (a
         PeerLostError naming the lost peer; "shutting down" on cancellation) and both links are
         closed with a ``bye`` giving the reason; a compute thread blocked on the ring is
-        released first. Afterwards :attr:`ring_up` is False until :meth:`rebind`.
+        released first. Afterwards :attr:`ring_up` is False until the next :meth:`run` (after
+        :meth:`rebind`) has seen every peer join.
         """
         self._loop = asyncio.get_running_loop()
         try:
+            await self._whole()
+            self._failed = self.down_since = None
             while True:
                 await self._step()
         except BaseException as exc:
@@ -242,6 +245,23 @@ class Peer:
             raise
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _whole(self) -> None:
+        """Wait until every peer runs this ring: one empty all-gather, the first collective of
+        every peer's new ring. A peer whose own two links are up may still have neighbours
+        waiting for theirs (e.g. for a restarting peer still loading its model), so until this
+        returns requests stay refused rather than wait in a step nobody else has started.
+        Silence is still judged by keepalive, so the usual recv deadline is lifted meanwhile."""
+        if self.size == 1:
+            return
+        saved = [(link, link.recv_timeout) for link in self.links.links]
+        for link, _ in saved:
+            link.recv_timeout = 86400.0
+        try:
+            await self._gather_obj(None)
+        finally:
+            for link, timeout in saved:
+                link.recv_timeout = timeout
 
     async def _step(self) -> None:
         if not self._running and not self._waiting:

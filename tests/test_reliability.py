@@ -93,9 +93,16 @@ async def test_bye_names_the_lost_peer_round_the_ring():
     with pytest.raises(PeerLostError) as info:
         await rings[2].next.recv(timeout=5)
     assert info.value.peer == "rank 1 (10.0.0.2:7001)"
-    assert "silent for 3.0 s (reported by rank 0" in str(info.value)
-    # The lost peer itself is not told that it was lost.
-    with pytest.raises(PeerLostError, match=r"lost peer rank 0 .*: peer said goodbye: the ring lost contact with you \(silent for 3.0 s\)"):
+    assert str(info.value).endswith(": silent for 3.0 s (reported by rank 0)")
+    # Rank 2 passes it on to rank 1 itself (as if only the link 0 -> 1 had broken): rank 1
+    # hears that rank 0 lost contact with it, so its clients are told rank 0, not rank 2.
+    rings[2].abandon(info.value)
+    with pytest.raises(PeerLostError) as info:
+        await rings[1].next.recv(timeout=5)
+    assert str(info.value) == ("lost peer rank 0: rank 0 lost contact with you (silent for 3.0 s) "
+                               "(reported by rank 0)")
+    # Rank 0 told rank 1 directly, too.
+    with pytest.raises(PeerLostError, match=r"^lost peer rank 0: rank 0 lost contact with you"):
         await rings[1].prev.recv(timeout=5)
     for r in rings:
         r.close()

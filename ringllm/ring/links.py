@@ -337,15 +337,18 @@ class Link:
         finally:
             closed.cancel()
 
-    def say_goodbye(self, reason: str, *, close: bool = True, lost: str | None = None) -> None:
+    def say_goodbye(self, reason: str, *, close: bool = True, lost: str | None = None,
+                    by: str | None = None) -> None:
         """Tell the peer we are leaving on purpose (it sees PeerLostError with ``reason``).
 
-        ``lost`` names a peer whose loss makes us leave: the neighbour then reports that peer
-        (not us) as lost.  With ``close=False`` the link stays open until the peer answers or
-        closes.  Never raises for a link that is already down.
+        ``lost`` names a peer whose loss makes us leave, ``by`` the peer that noticed it: the
+        neighbour then reports that peer (not us) as lost.  With ``close=False`` the link stays
+        open until the peer answers or closes.  Never raises for a link that is already down.
         """
         if self._error is None and getattr(self, "_lent", None) is None:
-            header = {"reason": reason[:1000]} if lost is None else {"reason": reason[:1000], "lost": lost[:200]}
+            header = {"reason": reason[:1000]}
+            if lost is not None:
+                header |= {"lost": lost[:200], "by": (by or "")[:200]}
             try:
                 self._write_frame("bye", header, None)
             except RingError:
@@ -355,11 +358,15 @@ class Link:
 
 
 def _goodbye_error(peer: str, header: dict[str, Any]) -> PeerLostError:
-    lost, reason = header.get("lost"), header["reason"]
+    """The failure a ``bye`` from ``peer`` means (see :meth:`RingLinks.abandon`)."""
+    lost, reason, by = header.get("lost"), header["reason"], header.get("by")
     if type(lost) is str and lost:
-        # Name only the first reporter: the news may pass several peers.
-        return PeerLostError(lost, reason if " (reported by " in reason else f"{reason} (reported by {peer})")
-    return PeerLostError(peer, f"peer said goodbye: {header['reason']}")
+        by = by if type(by) is str and by else peer
+        err = PeerLostError(lost, f"{reason} (reported by {by})")
+        # Kept apart so the news can be passed on without growing at every hop.
+        err.reporter, err.cause = by, reason  # type: ignore[attr-defined]
+        return err
+    return PeerLostError(peer, f"peer said goodbye: {reason}")
 
 
 class StreamLink(Link):
@@ -836,24 +843,26 @@ class RingLinks:
     def abandon(self, exc: BaseException) -> None:
         """Leave a broken ring: tell both neighbours why and fail both links with ``exc``.
 
-        The ``bye`` names the lost peer (when ``exc`` is a PeerLostError), so a neighbour that
-        has not noticed the loss yet reports the same peer to its clients, and passes the news
-        on at once.  Links still lent to a worker thread are aborted (their sockets shut down)
-        so that a thread blocked on them wakes up.  Idempotent; never raises.
+        The ``bye`` names the lost peer (when ``exc`` is a PeerLostError) and the peer that
+        noticed, so a neighbour that has not noticed the loss yet reports the same peer to its
+        clients, and passes the news on at once.  The lost peer itself, if this link still
+        reaches it (e.g. only its link to another peer broke), is told that the peer which
+        noticed lost contact with it.  Links still lent to a worker thread are aborted (their
+        sockets shut down) so that a thread blocked on them wakes up.  Idempotent; never raises.
         """
         if isinstance(exc, PeerLostError):
-            lost, reason = exc.peer, exc.reason
+            lost, reason = exc.peer, getattr(exc, "cause", exc.reason)
+            by = getattr(exc, "reporter", None) or f"rank {self.rank}"
         else:
-            lost, reason = None, str(exc) or type(exc).__name__
+            lost, reason, by = None, str(exc) or type(exc).__name__, None
         err = exc if isinstance(exc, RingError) else PeerLostError(lost or "ring", reason)
         for link in self.links:
             if link.closed:
                 continue
-            # The lost peer itself (still reachable on this link) is told so plainly.
-            if lost is not None and _rank_name(link.peer) == _rank_name(lost):
-                link.say_goodbye(f"the ring lost contact with you ({reason})", close=False)
+            if lost is not None and by is not None and _rank_name(link.peer) == _rank_name(lost):
+                link.say_goodbye(f"{by} lost contact with you ({reason})", close=False, lost=by, by=by)
             else:
-                link.say_goodbye(reason, close=False, lost=lost)
+                link.say_goodbye(reason, close=False, lost=lost, by=by)
             if getattr(link, "_lent", None) is not None:
                 link.abort(reason)
             link._fail(err)

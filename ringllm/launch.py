@@ -140,6 +140,16 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
 async def _run_ring(peer, cfg: RingConfig) -> None:
     """Drive ``peer`` on its current ring with keepalive until the ring breaks (raises)."""
     keepalive = asyncio.create_task(peer.links.keepalive(cfg.heartbeat_interval, cfg.dead_after))
+
+    def check(task: asyncio.Task) -> None:
+        # A keepalive that died of a bug would leave an idle ring blind to a silent neighbour:
+        # break the ring instead (it re-forms, with a fresh keepalive).
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, RingError):  # a lost link is a RingError
+            log.error("rank %d: keepalive failed: %r", peer.rank, exc)
+            peer.links.abandon(RingError(f"keepalive failed: {exc!r}"))
+
+    keepalive.add_done_callback(check)
     try:
         # A keepalive failure fails the links, so peer.run() raises the same error; waiting
         # on the peer alone keeps one error, with its in-flight requests failed, per loss.

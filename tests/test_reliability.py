@@ -65,8 +65,11 @@ async def test_pings_from_the_loop_keep_a_waiting_neighbour_patient():
     from its event loop, so a neighbour waiting in its own thread does not give up on it."""
     (a, b), listeners = await tcp_ring(2)
     ka = [asyncio.create_task(r.keepalive(0.1, 0.5)) for r in (a, b)]
+    await asyncio.sleep(0.2)
+    assert all(link.dead_after == 0.5 for link in a.links + b.links)
     coll_a, coll_b = Collectives(0, 2, a), Collectives(1, 2, b)
     assert await coll_a.lend_to_thread() and await coll_b.lend_to_thread()
+    pings_before = b.next.bytes_sent + b.prev.bytes_sent
 
     def slow_then_reduce():
         time.sleep(2.0)  # 4x the neighbour's dead_after, without a frame from this thread
@@ -78,8 +81,23 @@ async def test_pings_from_the_loop_keep_a_waiting_neighbour_patient():
     coll_a.take_back()
     coll_b.take_back()
     assert a.up and b.up
+    assert b.next.bytes_sent + b.prev.bytes_sent - pings_before > 10 * 20  # ~20 pings of ~24 bytes
+    assert not any(t.done() for t in ka), [t.exception() for t in ka if t.done()]
+    # Without the pings (keepalive stopped), the same wait fails after dead_after.
     for t in ka:
         t.cancel()
+    await asyncio.wait(ka)
+    assert await coll_a.lend_to_thread() and await coll_b.lend_to_thread()
+    t0 = time.monotonic()
+    fut_a = asyncio.ensure_future(asyncio.to_thread(coll_a.allreduce_sync, np.ones(4, np.float32)))
+    fut_b = asyncio.ensure_future(asyncio.to_thread(slow_then_reduce))
+    with pytest.raises(PeerLostError, match="silent for 0.5 s"):
+        await fut_a
+    assert time.monotonic() - t0 < 1.5
+    coll_a.take_back()  # closes rank 0's side: rank 1's thread then fails too
+    with pytest.raises(PeerLostError):
+        await fut_b
+    coll_b.take_back()
     for r in (a, b):
         r.close()
     for lst in listeners:

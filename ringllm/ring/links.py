@@ -605,15 +605,38 @@ class BlockingLink:
         if self.error is not None:
             raise self.error
         head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
-        self.link.bytes_sent += len(head) + (view.nbytes if view is not None else 0)
-        if view is None:
-            self._sendall(head)
-        elif view.nbytes <= _JOIN_MAX:
-            self._sendall(head + view)
-        else:
-            self._sendall(head)
-            self._sendall(view)
+        with self.wlock:
+            if self.tail:  # the rest of a ping the loop sent in part goes first
+                tail, self.tail = self.tail, b""
+                self._sendall(tail)
+            self.link.bytes_sent += len(head) + (view.nbytes if view is not None else 0)
+            if view is None:
+                self._sendall(head)
+            elif view.nbytes <= _JOIN_MAX:
+                self._sendall(head + view)
+            else:
+                self._sendall(head)
+                self._sendall(view)
         self.link.last_tx = time.monotonic()
+
+    def ping_from_loop(self) -> None:
+        """Send a keepalive ping from the event loop's thread, unless the worker is writing
+        (its frames show we are alive).  Never blocks; errors are left for the worker."""
+        if self.error is not None or not self.wlock.acquire(blocking=False):
+            return
+        try:
+            data = self.tail + encode_frame_bytes("ping", {"t": time.monotonic_ns()})
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return  # the worker meets the failure at its next read or write
+            self.tail = data[n:]
+            self.link.bytes_sent += n
+            self.link.last_tx = time.monotonic()
+        finally:
+            self.wlock.release()
 
     async def send(self, kind: str, header: dict[str, Any] | None = None,
                    payload: Any = None) -> None:

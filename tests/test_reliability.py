@@ -245,6 +245,8 @@ async def _recovered(ring: Ring, label: str, t_heal: float) -> None:
     waited = await asyncio.to_thread(ring.wait_up, None, 60.0)
     print(f"[{label}] ring whole again {time.monotonic() - t_heal:.1f} s after the heal (waited {waited:.1f} s)")
     assert await _greedy(ring.http(0)) == ring.reference  # the re-formed ring computes the same tokens
+    for r in range(ring.cfg.size):
+        assert "Traceback" not in ring.log(r), ring.log(r)[-3000:]
 
 
 @pytest.mark.model
@@ -280,3 +282,33 @@ async def test_frozen_link_is_detected_by_silence_and_ring_reforms_by_itself(rin
     await _recovered(ring, "link 0->1 frozen", time.monotonic())
     for r in range(3):
         assert ring.alive(r)
+
+
+def test_a_peer_whose_own_links_reformed_refuses_requests_until_the_whole_ring_has(tmp_path, tiny_model_path):
+    """P=4, rank 1 lost: rank 3's two neighbours (0 and 2) are alive, so its own links re-form
+    at once, but the ring is not whole. It must keep refusing requests (not take them into a
+    step nobody else runs) until rank 1 is back."""
+    with Ring(tmp_path, ring_toml(4, str(tiny_model_path), heartbeat=0.3, dead_after=1.0), tag="p4") as ring:
+        ring.start_all()
+        ring.wait_up(timeout=60)
+        ring.kill(1)
+        ring.wait_log(3, r"ring lost: lost peer rank 1")
+        time.sleep(1.0)  # rank 3 has re-formed its links with ranks 0 and 2 by now
+        assert ring.health(3)["status"] == "down"
+
+        async def refused() -> None:
+            async with ringllm.connect(ring.http(3)) as c:
+                t0 = time.monotonic()
+                with pytest.raises(PeerLostError, match="ring is down"):
+                    await c.complete("hi", max_tokens=2)
+                assert time.monotonic() - t0 < 2.0
+
+        asyncio.run(refused())
+        ring.start(1)
+        ring.wait_up(timeout=60)
+
+        async def served() -> int:
+            async with ringllm.connect(ring.http(3)) as c:
+                return len((await c.complete("hi", max_tokens=3, ignore_eos=True)).ids)
+
+        assert asyncio.run(served()) == 3

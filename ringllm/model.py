@@ -113,11 +113,14 @@ class Rope:
 class Transformer:
     """One peer's part of a llama model. ``forward`` returns local-vocab logits."""
 
-    def __init__(self, weights: ShardWeights, allreduce: AllReduce = identity_allreduce, max_len: int | None = None) -> None:
+    def __init__(self, weights: ShardWeights, allreduce: AllReduce = identity_allreduce, max_len: int | None = None,
+                 allreduce_exact: AllReduce | None = None) -> None:
         self.w = weights
         self.cfg = weights.config
         self.shard = weights.shard
         self.allreduce = allreduce
+        # For sums that are one peer's vector plus zeros (the embedding): never quantized.
+        self.allreduce_exact = allreduce_exact or allreduce
         self.max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
         self.vocab_range = weights.shard.vocab
         self._split_vocab = (self.vocab_range[1] - self.vocab_range[0]) != self.cfg.vocab_size
@@ -171,7 +174,7 @@ class Transformer:
         mine = (ids >= v0) & (ids < v1)
         if mine.any():
             x[mine] = self.w.embed.rows_f32(ids[mine] - v0)
-        return self.allreduce(x)
+        return self.allreduce_exact(x)
 
     def _attention(self, li: int, lw, h: np.ndarray, segments: Sequence[Segment], positions: np.ndarray) -> np.ndarray:
         """Attention over this peer's heads: (n, dim) -> (n, my_heads * head_dim)."""

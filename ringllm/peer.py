@@ -122,6 +122,7 @@ class Peer:
         self.wire = wire
         self.coll = Collectives(links.rank, links.size, links, wire)
         model.allreduce = self.allreduce_sync  # the model's syncs go round this peer's ring
+        model.allreduce_exact = self.allreduce_exact_sync
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stats = PeerStats()
         self._counter = itertools.count()
@@ -367,12 +368,16 @@ class Peer:
         return choose_batch(logits, v0, vocab, [r.seq.request.sampling for r in batch], [len(r.seq.ids) for r in batch],
                             [r.seq.history for r in batch], self._gather_sync)
 
-    def allreduce_sync(self, x: np.ndarray) -> np.ndarray:
+    def allreduce_exact_sync(self, x: np.ndarray) -> np.ndarray:
+        """The model's all-reduce for one-owner sums (the embedding): float32 on any wire."""
+        return self.allreduce_sync(x, exact=True)
+
+    def allreduce_sync(self, x: np.ndarray, exact: bool = False) -> np.ndarray:
         """The model's all-reduce, called from the compute thread."""
         if self.size == 1:
             return x
         t = time.perf_counter()
-        out = self.coll.allreduce_sync(x)
+        out = self.coll.allreduce_sync(x, exact=exact)
         self.stats.sync_seconds += time.perf_counter() - t  # only the compute thread writes here
         return out
 

@@ -28,6 +28,7 @@ error.  Re-form the ring and build a new :class:`Collectives`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -217,15 +218,26 @@ class Collectives:
         return "exchange" if n <= self.small_max_elems else "ring"
 
     # -- public ops ---------------------------------------------------------------------------
-    async def allreduce(self, x: np.ndarray) -> np.ndarray:
+    async def allreduce(self, x: np.ndarray, *, exact: bool = False) -> np.ndarray:
         """Element-wise sum of every peer's ``x`` (float32, any shape; same shape everywhere).
 
         Returns a new float32 array of ``x``'s shape, bit-identical on every peer.  P=1 returns
-        a copy of ``x`` without I/O (and without quantization).
+        a copy of ``x`` without I/O (and without quantization).  ``exact=True`` sends float32
+        whatever the wire format (every peer must pass the same value): for sums that are
+        really one peer's vector plus zeros, such as the vocab-parallel embedding, where 8-bit
+        rounding would add error and save little.
         """
         x = _contiguous(x, F32)
         if self.size == 1:
             return x.copy()
+        if exact and self.wire != "f32":
+            saved = self.wire, self._encode, self._decode, self._nbytes
+            self.wire = "f32"
+            self._encode, self._decode, self._nbytes = _CODECS["f32"]
+            try:
+                return (await self._allreduce_flat(x.reshape(-1))).reshape(x.shape)
+            finally:
+                self.wire, self._encode, self._decode, self._nbytes = saved
         if self.wire == "q8_0":
             # Sum in the Hadamard-rotated domain (see hadamard_rotate): sums commute with the
             # rotation, and the rotation spreads outlier channels before 8-bit rounding.
@@ -334,7 +346,7 @@ class Collectives:
         for link in lent.links:
             link.take_back()  # type: ignore[attr-defined]
 
-    def allreduce_sync(self, x: np.ndarray) -> np.ndarray:
+    def allreduce_sync(self, x: np.ndarray, *, exact: bool = False) -> np.ndarray:
         """:meth:`allreduce` from a thread other than the event loop's; blocks.
 
         Lent (see :meth:`lend_to_thread`): runs in this thread with blocking I/O.  Otherwise it
@@ -343,8 +355,8 @@ class Collectives:
         wake-ups).  Exceptions propagate.
         """
         if self._lent is not None:
-            return self._drive(self.allreduce(x))
-        return self._from_thread(self.allreduce, x)
+            return self._drive(self.allreduce(x, exact=exact))
+        return self._from_thread(functools.partial(self.allreduce, exact=exact), x)
 
     def allgather_sync(self, x: np.ndarray) -> list[np.ndarray]:
         """:meth:`allgather` from a worker thread (see :meth:`allreduce_sync`)."""

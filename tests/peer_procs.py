@@ -199,6 +199,7 @@ class Proxy:
     def __init__(self, target: tuple[str, int], port: int) -> None:
         self.target, self.port = target, port
         self._conns: list[dict[str, Any]] = []
+        self._frozen: list[dict[str, Any]] = []  # closed only when the proxy stops
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -213,6 +214,7 @@ class Proxy:
         self._call(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -223,6 +225,13 @@ class Proxy:
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for c in self._frozen:
+            for w in c["writers"]:
+                w.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -244,7 +253,8 @@ class Proxy:
                 pass
             finally:
                 if not conn["frozen"]:
-                    w.close()
+                    with contextlib.suppress(Exception):
+                        w.close()
 
         await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
 
@@ -254,6 +264,7 @@ class Proxy:
         async def go() -> int:
             for c in self._conns:
                 c["frozen"] = True
+            self._frozen += self._conns
             n, self._conns = len(self._conns), []
             return n
 

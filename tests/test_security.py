@@ -472,3 +472,26 @@ def test_tls_on_peer_links_and_http(tmp_path, tiny_model_path):
         asyncio.run(strangers())
         assert asyncio.run(_greedy(ring.http(0), client_ctx)) == ref
         assert "ring lost" not in ring.log(0)
+
+
+async def test_a_flood_of_bytes_is_not_buffered(tiny_ring):
+    """Strangers streaming megabytes behind a plausible frame prefix: each is refused at its
+    first header and the rest is discarded unread into memory; the peer's memory stays flat
+    and the ring keeps serving."""
+    pid = tiny_ring.pid(0)
+
+    def rss() -> int:
+        return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmRSS")).split()[1])
+
+    before = rss()
+    conns = [await _connect(tiny_ring.cfg.peers[0].port) for _ in range(8)]
+    chunk = struct.pack(">2sBBII", b"RL", 1, 0, 16000, 0) + b"\x81" * (1 << 20)  # a 1 MiB "header"
+    for _, writer, _ in conns:
+        for _ in range(4):
+            writer.write(chunk)
+    await asyncio.sleep(1.0)
+    assert rss() - before < 16 * 1024  # kB: far less than the 32 MiB sent
+    for _, writer, _ in conns:
+        writer.close()
+    await asyncio.to_thread(_assert_still_serving, tiny_ring)

@@ -46,7 +46,7 @@ from ringllm.errors import (
     RemoteProtocolError,
     RingError,
 )
-from ringllm.ring.handshake import HandshakeInfo, handshake
+from ringllm.ring.handshake import HANDSHAKE_MAX_FRAME, HandshakeInfo, handshake
 from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame, encode_frame_bytes
 
 __all__ = [
@@ -70,7 +70,10 @@ DEFAULT_RECV_TIMEOUT = 30.0
 # Frames with a payload up to this size are written as one buffer (one syscall, one segment
 # with TCP_NODELAY); larger payloads are written separately to avoid copying them into a join.
 _JOIN_MAX = 64 * 1024
-_STREAM_LIMIT = 1 << 22  # StreamReader pauses the socket above 2x this many unread bytes
+# The stream reader only serves the handshake (a link then reads the socket itself). It pauses
+# the socket above 2x this many unread bytes, so an unauthenticated sender cannot make us
+# buffer much more than one handshake frame.
+_STREAM_LIMIT = HANDSHAKE_MAX_FRAME
 
 
 class Link:

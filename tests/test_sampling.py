@@ -32,14 +32,14 @@ class ThreadGather:
         return gather
 
 
-def sharded_choose(logits, weights, params, step, history):
-    ranges = apportion(len(logits), weights)
+def on_peers(vocab, weights, fn):
+    """Run ``fn(lo, hi, gather)`` for each peer's vocabulary slice, one thread per peer."""
+    ranges = apportion(vocab, weights)
     g = ThreadGather(len(ranges))
     results = [None] * len(ranges)
 
     def run(rank):
-        lo, hi = ranges[rank]
-        results[rank] = choose(logits[lo:hi], lo, len(logits), params, step, history, g.for_rank(rank))
+        results[rank] = fn(*ranges[rank], g.for_rank(rank))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(ranges))]
     for t in threads:
@@ -47,6 +47,11 @@ def sharded_choose(logits, weights, params, step, history):
     for t in threads:
         t.join(10)
     return results
+
+
+def sharded_choose(logits, weights, params, step, history):
+    return on_peers(len(logits), weights,
+                    lambda lo, hi, g: choose(logits[lo:hi], lo, len(logits), params, step, history, g))
 
 
 params_st = st.builds(
@@ -127,20 +132,9 @@ def test_top_p_nucleus_larger_than_first_gather_matches_single_peer():
 def sharded_choose_batch(logits, weights, params, steps, histories):
     from ringllm.sampling import choose_batch
 
-    ranges = apportion(logits.shape[1], weights)
-    g = ThreadGather(len(ranges))
-    results = [None] * len(ranges)
-
-    def run(rank):
-        lo, hi = ranges[rank]
-        results[rank] = choose_batch(logits[:, lo:hi], lo, logits.shape[1], params, steps, histories, g.for_rank(rank))
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(ranges))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    return results
+    vocab = logits.shape[1]
+    return on_peers(vocab, weights,
+                    lambda lo, hi, g: choose_batch(logits[:, lo:hi], lo, vocab, params, steps, histories, g))
 
 
 @settings(max_examples=30, deadline=None)

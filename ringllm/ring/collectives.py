@@ -249,25 +249,7 @@ class Collectives:
         n = x.size
         if n > self.small_max_elems:
             return await self._run(self._allreduce_ring, x)
-        # The decode path: ~120 calls per token, so the guard of _run is inlined here.
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-        if self._broken is not None or self._busy or (self._lent is not None
-                                                     and not self._driving):
-            self._refuse()
-        self._busy = True
-        self.seq += 1
-        try:
-            out = await self._allreduce_exchange(x, n)
-            if self._must_drain() or self._borrowed:
-                await self._drain()
-        except BaseException as exc:
-            self._broken = exc
-            raise
-        finally:
-            self._busy = False
-            self._borrowed = False
-        return out
+        return await self._run(self._allreduce_exchange, x, n)
 
     async def allgather(self, x: np.ndarray) -> list[np.ndarray]:
         """Every peer's array, indexed by rank (exact bytes; shapes/dtypes may differ by rank).

@@ -76,6 +76,16 @@ _JOIN_MAX = 64 * 1024
 _STREAM_LIMIT = HANDSHAKE_MAX_FRAME
 
 
+def _write_chunks(head: bytes, view: memoryview | None) -> tuple[bytes | memoryview, ...]:
+    """What to write for one frame: small frames as one buffer (one syscall, one segment with
+    TCP_NODELAY), large payloads apart so they are not copied into a join."""
+    if view is None:
+        return (head,)
+    if view.nbytes <= _JOIN_MAX:
+        return (head + view,)
+    return (head, view)
+
+
 class Link:
     """One full-duplex frame link to a peer.  Subclasses move bytes; this class owns the inbox.
 
@@ -418,13 +428,8 @@ class StreamLink(Link):
         if transport.is_closing():
             self._on_eof("connection closed")
             raise self._error  # type: ignore[misc]
-        if view is None:
-            transport.write(head)
-        elif view.nbytes <= _JOIN_MAX:
-            transport.write(head + view)
-        else:
-            transport.write(head)
-            transport.write(view)
+        for chunk in _write_chunks(head, view):
+            transport.write(chunk)
 
     async def drain(self) -> None:
         if self._error is not None:
@@ -613,13 +618,8 @@ class BlockingLink:
                 tail, self.tail = self.tail, b""
                 self._sendall(tail)
             self.link.bytes_sent += len(head) + (view.nbytes if view is not None else 0)
-            if view is None:
-                self._sendall(head)
-            elif view.nbytes <= _JOIN_MAX:
-                self._sendall(head + view)
-            else:
-                self._sendall(head)
-                self._sendall(view)
+            for chunk in _write_chunks(head, view):
+                self._sendall(chunk)
         self.link.last_tx = time.monotonic()
 
     def ping_from_loop(self) -> None:

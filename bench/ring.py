@@ -63,9 +63,10 @@ def formula_bytes(p: int, n_layers: int, dim: int, wire: str) -> float:
     if p == 1:
         return 0.0
     payload = dim * 4 if wire == "f32" else -(-dim // 64) * 64 // 32 * 34
-    per_allreduce = (p - 1) * frame_bytes(payload)
+    layers = 2 * n_layers * (p - 1) * frame_bytes(payload)
+    embedding = (p - 1) * frame_bytes(dim * 4)  # always float32, whatever the wire format
     small = 2 * (p - 1) * frame_bytes(60, header={"s": 100_000, "i": 0, "o": "ag"})
-    return (2 * n_layers + 1) * per_allreduce + small
+    return layers + embedding + small
 
 
 async def peer_stats(ports: list[int]) -> list[dict]:

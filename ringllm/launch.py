@@ -87,8 +87,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
     model = await asyncio.to_thread(runtime.load_model, mf, plan, rank, max_len=cfg.context_length)
     mf.close()
     sh = plan[rank]
-    log.info("rank %d: loaded shard in %.1f s: kv heads %s, ffn %s, vocab %s, %.1f MB of weights", rank,
-             time.perf_counter() - t0, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)
+    log.info("rank %d: loaded shard in %.1f s: heads %s (kv %s), ffn %s, vocab %s, %.1f MB of weights",
+             rank, time.perf_counter() - t0, sh.heads, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)
     me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest(),
                        config=ring_config_claim(cfg))
     hs_timeout, recv_timeout = ring_timeouts(cfg)

@@ -188,7 +188,15 @@ class Transformer:
         q *= np.float32(1.0 / np.sqrt(hd))  # the score scale, applied once to q
         k = self.rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd), positions)
         v = qkv[:, (nh + nkv) * hd :].reshape(n, nkv, hd)
-        out = np.empty((n, nh * hd), np.float32)
+        # The owned query heads need not fill whole KV groups (the plan splits query heads):
+        # place them in full groups of qpk slots, the others zero, and drop those outputs.
+        # The padding costs a few extra score rows, not a second attention code path.
+        off = sh.q_offset
+        if nh != nkv * qpk:
+            padded = np.zeros((n, nkv * qpk, hd), np.float32)
+            padded[:, off : off + nh] = q
+            q = padded
+        out = np.empty((n, nkv * qpk * hd), np.float32)
         start = 0
         for seg in segments:
             t = len(seg.tokens)
@@ -215,6 +223,6 @@ class Transformer:
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
             o = np.matmul(scores, V[:, :L])  # (nkv, qpk*t, hd)
-            out[start : start + t] = o.reshape(nkv, qpk, t, hd).transpose(2, 0, 1, 3).reshape(t, nh * hd)
+            out[start : start + t] = o.reshape(nkv, qpk, t, hd).transpose(2, 0, 1, 3).reshape(t, nkv * qpk * hd)
             start += t
-        return out
+        return out if nh == nkv * qpk else out[:, off * hd : (off + nh) * hd]

@@ -399,7 +399,7 @@ def health(peer: Peer) -> dict[str, Any]:
             "kv_heads": list(sh.kv_heads), "heads": list(sh.heads), "ffn": list(sh.ffn), "vocab": list(sh.vocab),
             # The FFN rows are split by capacity weight and dominate the compute: call that the share.
             "share": (sh.ffn[1] - sh.ffn[0]) / cfg.ffn_dim,
-            "attention_share": (sh.kv_heads[1] - sh.kv_heads[0]) / cfg.n_kv_heads,
+            "attention_share": (sh.heads[1] - sh.heads[0]) / cfg.n_heads,
         },
         "memory": {"weights_bytes": peer.model.w.nbytes, "kv_cache_bytes": kv_cache_bytes(peer),
                    "rss_bytes": rss_bytes()},

@@ -27,13 +27,29 @@ def test_apportion_rejects_bad_weights():
         apportion(10, [1.0, 0.0])
 
 
-def test_smollm2_splits_kv_heads_unevenly():
+def test_smollm2_splits_query_heads_and_shares_cut_kv_groups():
     p2 = plan_shards(SMOL, [1, 1])
-    assert [s.n_kv_heads for s in p2.shards] == [2, 1]
-    assert [s.heads for s in p2.shards] == [(0, 6), (6, 9)]
+    assert [s.heads for s in p2.shards] == [(0, 5), (5, 9)]
+    assert [s.kv_heads for s in p2.shards] == [(0, 2), (1, 3)]  # KV head 1 serves both
+    assert [s.q_offset for s in p2.shards] == [0, 2]
     p4 = plan_shards(SMOL, [1, 1, 1, 1])
-    assert sorted(s.n_kv_heads for s in p4.shards) == [0, 1, 1, 1]
-    assert all(s.ffn[1] > s.ffn[0] for s in p4.shards)  # the headless peer still has an FFN share
+    assert [s.n_heads for s in p4.shards] == [3, 2, 2, 2]  # every peer has attention
+    assert [s.kv_heads for s in p4.shards] == [(0, 1), (1, 2), (1, 3), (2, 3)]
+    p12 = plan_shards(SMOL, [1] * 12)  # more peers than query heads: some own none
+    assert sum(s.n_heads for s in p12.shards) == 9
+    assert all(s.n_kv_heads == 0 for s in p12.shards if s.n_heads == 0)
+    assert all(s.ffn[1] > s.ffn[0] for s in p12.shards)
+
+
+@given(weights=st.lists(st.floats(0.1, 10), min_size=1, max_size=12))
+def test_every_query_head_is_owned_once_with_its_kv_head(weights):
+    plan = plan_shards(SMOL, weights)
+    owners = [s.rank for s in plan.shards for _ in range(s.n_heads)]
+    assert len(owners) == SMOL.n_heads and owners == sorted(owners)
+    for s in plan.shards:
+        for h in range(*s.heads):
+            assert s.kv_heads[0] <= h // SMOL.q_per_kv < s.kv_heads[1]
+        assert 0 <= s.q_offset < SMOL.q_per_kv or s.n_heads == 0
 
 
 @given(weights=st.lists(st.floats(0.1, 10), min_size=1, max_size=6), block=st.sampled_from([32, 256]))

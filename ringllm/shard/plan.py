@@ -5,10 +5,15 @@ computes the same plan independently; its digest goes into the handshake so peer
 different plans refuse each other.
 
 Megatron-style split (gpt-fast's "colwise"/"rowwise"):
-- attention by KV-head groups: a KV head and its ``q_per_kv`` query heads stay together.
-  attn_q/k/v are split by output rows (column-parallel), attn_output by input columns
-  (row-parallel). A peer may own zero KV heads (P > n_kv_heads): it then contributes only
-  an FFN share and zeros for attention.
+- attention by query heads: attn_q by output rows (column-parallel), attn_output by input
+  columns (row-parallel). A peer also holds the k and v rows of every KV head its query heads
+  read, so a KV head whose query group is cut between two peers is computed and cached by
+  both (vLLM's KV-head replication). Why not whole KV groups: SmolLM2 has only 3 KV heads, so
+  P=2 would split attention 2/1 and P=4 would leave a peer without attention. Each layer's
+  attention ends in an all-reduce that waits for the slowest peer, so a 2/1 split made one
+  peer wait at every layer (measured at P=2: both ranks ~15 ms of each ~65 ms token in
+  collectives). Query heads split 5/4 at P=2 and 3/2/2/2 at P=4; the duplicated k/v rows cost
+  2 * head_dim rows per cut group.
 - FFN by hidden units, in whole quant blocks of ffn_down's type (ffn_down is row-parallel, so
   its input dimension must be cut on block boundaries): ffn_gate/ffn_up by rows, ffn_down by
   columns.
@@ -34,16 +39,24 @@ Range = tuple[int, int]  # [start, stop)
 @dataclass(frozen=True)
 class PeerShard:
     rank: int
-    kv_heads: Range
+    heads: Range  # query heads
     q_per_kv: int
     head_dim: int
     ffn: Range
     vocab: Range
 
     @property
-    def heads(self) -> Range:
-        """Query heads owned: the groups of the owned KV heads."""
-        return (self.kv_heads[0] * self.q_per_kv, self.kv_heads[1] * self.q_per_kv)
+    def kv_heads(self) -> Range:
+        """KV heads whose keys and values this peer computes: those its query heads read."""
+        h0, h1 = self.heads
+        if h1 <= h0:
+            return (h0 // self.q_per_kv, h0 // self.q_per_kv)
+        return (h0 // self.q_per_kv, (h1 - 1) // self.q_per_kv + 1)
+
+    @property
+    def q_offset(self) -> int:
+        """Query heads of the first owned KV group that belong to earlier peers."""
+        return self.heads[0] - self.kv_heads[0] * self.q_per_kv
 
     @property
     def n_kv_heads(self) -> int:
@@ -51,7 +64,7 @@ class PeerShard:
 
     @property
     def n_heads(self) -> int:
-        return self.n_kv_heads * self.q_per_kv
+        return self.heads[1] - self.heads[0]
 
 
 @dataclass(frozen=True)
@@ -100,11 +113,11 @@ def plan_shards(config: ModelConfig, weights: Sequence[float], ffn_block: int = 
     """
     if config.ffn_dim % ffn_block:
         raise ConfigError(f"ffn dimension {config.ffn_dim} is not a multiple of its block size {ffn_block}")
-    kv = apportion(config.n_kv_heads, weights)
+    heads = apportion(config.n_heads, weights)
     ffn = [(a * ffn_block, b * ffn_block) for a, b in apportion(config.ffn_dim // ffn_block, weights)]
     vocab = apportion(config.vocab_size, weights)
     return ShardPlan(tuple(
-        PeerShard(rank=r, kv_heads=kv[r], q_per_kv=config.q_per_kv, head_dim=config.head_dim,
+        PeerShard(rank=r, heads=heads[r], q_per_kv=config.q_per_kv, head_dim=config.head_dim,
                   ffn=ffn[r], vocab=vocab[r])
         for r in range(len(weights))
     ))

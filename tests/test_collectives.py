@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ringllm.errors import LocalProtocolError, PeerLostError, RemoteProtocolError, RingError
-from ringllm.ring.collectives import Collectives, dequantize_q8_0, quantize_q8_0
+from ringllm.ring.collectives import (Collectives, dequantize_q8_0, dequantize_q8_0_residual, quantize_q8_0,
+                                      quantize_q8_0_residual)
 from ringllm.ring.handshake import HandshakeInfo
 from ringllm.ring.links import memory_link_pair, memory_ring, open_tcp_ring
 
@@ -48,7 +49,9 @@ def check_allreduce(outs, xs, wire: str, algo: str) -> None:
     mags = np.stack([np.abs(x).astype(np.float64) for x in xs])
     tol = 4 * p * 2.0**-24 * mags.sum(axis=0) + 1e-30
     if wire == "q8_0" and p > 1:
-        # Q8_0 rounds in the Hadamard-rotated domain. There a value errs by at most
+        # Q8_0 rounds in the Hadamard-rotated domain (two passes, the second over the first's
+        # rounding error, which only shrinks it: the one-pass bound below still holds and
+        # test_q8_0_residual_pass_divides_the_error checks the gain). There a value errs by at most
         # amax/254 (rounding) + amax*2^-11 (f16 scale), amax being its 32-block's largest
         # magnitude; exchange quantizes each rotated input once, the ring requantizes partial
         # sums (whose block amax is at most the sum of the inputs') once per hop. Rotating
@@ -80,6 +83,28 @@ def test_q8_0_matches_gguf_reference():
     assert ours.tobytes() == ref.tobytes()
     deq = gguf_quants.dequantize(ref, GGMLQuantizationType.Q8_0).reshape(-1)
     assert dequantize_q8_0(ours, x.size).tobytes() == deq.astype(np.float32).tobytes()
+
+
+@given(x=hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-100, 100, width=32)),
+       outlier=st.floats(200, 5000))
+def test_q8_0_residual_pass_divides_the_error(x, outlier):
+    """The q8_0 wire's second pass: its error is that of Q8_0 applied to the first pass's
+    error, so at most amax_r/254 + amax_r*2^-11 per 32-block (amax_r the block's largest
+    first-pass error) plus float32 rounding of the subtraction and the final sum (an ulp or
+    two of the block's largest value) plus 127 * 2^-25 where the residual's scale is a float16
+    subnormal (spacing 2^-24), and never worse than one pass."""
+    x = x.copy()
+    x[0] = outlier  # the case that motivated it: one huge channel
+    one = dequantize_q8_0(quantize_q8_0(x), x.size)
+    two = dequantize_q8_0_residual(quantize_q8_0_residual(x), x.size)
+    pad = -x.size % 32
+    blocks = lambda v: np.abs(np.concatenate([v, np.zeros(pad, np.float32)])).reshape(-1, 32).max(axis=1)  # noqa: E731
+    r, amax = blocks(x - one).astype(np.float64), blocks(x).astype(np.float64)
+    bound = np.repeat(r / 254 + r * 2.0**-11 + 2 * amax * 2.0**-23 + 127 * 2.0**-25, 32)[: x.size]
+    err = np.abs(two.astype(np.float64) - x)
+    assert np.all(err <= bound)
+    assert err.max() <= np.abs(one.astype(np.float64) - x).max()
+    assert quantize_q8_0_residual(x).nbytes == 2 * quantize_q8_0(x).nbytes
 
 
 def test_q8_0_layout_and_tail_padding():

@@ -43,20 +43,32 @@ async def test_ring_greedy_equals_single_peer(peers, links, fixture_data, single
     assert got == single_peer_outputs
 
 
-@pytest.mark.xfail(reason="known gap: with wire='q8_0' at P=3 greedy output leaves the reference at gen-chat-3 "
-                          "step 7, where the reference margin is 0.139 (> the fixture's 0.05); P=2 and P=4 stay "
-                          "within it. Hadamard rotation and an exact embedding all-reduce cut the error, not enough.",
-                   strict=False)
 @pytest.mark.parametrize("peers", [2, 3, 4])
 async def test_q8_0_wire_stays_within_fixture_tolerance(peers, fixture_data, smollm2_path):
-    """With Q8_0 activations on the wire, greedy ids may only leave the reference where its
-    top1-top2 margin at the first divergence is below the fixture's 0.05."""
+    """With Q8_0 activations on the wire, the fixture's tolerances still hold: first-step top-20
+    log-probs within 0.05 of the reference (as differences from the top-1, which need no
+    normaliser), and greedy ids may only leave the reference where its top1-top2 margin at the
+    first divergence is below 0.05."""
+    tol = fixture_data["tolerances"]["logits_abs"]
     async with ringllm.LocalRing(peers, str(smollm2_path), wire="q8_0", http=False) as ring:
+        for case in fixture_data["logits"]:
+            req = Request(tuple(case["prompt_ids"]), SamplingParams(temperature=0.0, top_logprobs=20),
+                          max_tokens=1, ignore_eos=True)
+            (step,) = [st async for st in ring.peers[0].generate(req)]
+            top = dict(step.choice.top_logprobs)
+            ids, ref = case["top_ids"], case["top_logits"]
+            assert step.token == ids[0]
+            last = min(top.values()) - top[ids[0]]
+            for i, r in zip(ids, ref):
+                if i in top:
+                    assert abs((top[i] - top[ids[0]]) - (r - ref[0])) <= tol, (case["id"], i)
+                else:  # a near-tie swapped it out of our top 20: it is below our 20th
+                    assert (r - ref[0]) - tol <= last, (case["id"], i)
         for case, req in zip(fixture_data["greedy"], fixture_requests(fixture_data)):
             got = await tokens(ring.peers[0], req)
             diverge = next((i for i, (a, b) in enumerate(zip(got, case["ids"])) if a != b), None)
             if diverge is not None:
-                assert case["margin"][diverge] < 0.05, (case["id"], diverge)
+                assert case["margin"][diverge] < 0.05, (case["id"], diverge, case["margin"][diverge])
 
 
 async def test_any_rank_gives_the_same_output(fixture_data, smollm2_path):

@@ -1,15 +1,19 @@
 """Ring speed for P = 1..4 peers as separate processes on 127.0.0.1: one JSON line per P.
 
-    python bench/ring.py [--peers 1 2 3 4] [--threads 1] [--wire f32] [--tokens 128]
+    python bench/ring.py [--peers 1 2 3 4] [--threads 1] [--wire f32] [--tokens 128] [--rounds 5]
 
-Each P starts a fresh ring (``--threads`` compute threads per peer), sends one warm-up request
-and then one timed greedy request (64-token prompt, ``--tokens`` generated, EOS ignored) to
-rank 0, side by side in one run. Reported per P:
+Every P's ring is started at once (``--threads`` compute threads per peer; idle rings cost
+nothing but memory), each gets a warm-up request, and then ``--rounds`` rounds each send one
+timed greedy request (64-token prompt, ``--tokens`` generated, EOS ignored) to rank 0 of every
+ring in turn. This machine is shared and noisy (a slow spell can halve one run's speed), so
+rings are compared round by round: ``speedup_vs_p1`` is the median over rounds of tok/s at P
+divided by tok/s at P=1 in the same round. Reported per P (medians over rounds):
 
-- ``tok_s``: decode tokens/s seen by the client (first token excluded);
+- ``tok_s``: decode tokens/s seen by the client (first token excluded), and every round's;
 - ``compute_ms_per_token`` / ``sync_ms_per_token``: rank 0's decode step time split into
   waiting in collectives and the rest (peer counters from /health; decode-only figures are
-  the difference between a long request and a one-token request);
+  the difference between a long request and a one-token request); ``compute_ms_by_rank`` /
+  ``sync_ms_by_rank``: the same for every rank;
 - ``bytes_per_token_per_peer``: frame bytes each peer wrote to its ring links per decode
   token (its own counter), next to ``formula_bytes_per_token`` (docs/performance.md derives it);
 - ``peak_rss_mb``: each peer's VmHWM.
@@ -27,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,7 +68,8 @@ def formula_bytes(p: int, n_layers: int, dim: int, wire: str) -> float:
     """
     if p == 1:
         return 0.0
-    payload = dim * 4 if wire == "f32" else -(-dim // 64) * 64 // 32 * 34
+    # q8_0: two Q8_0 passes (value, rounding error) over the 64-padded rotated vector
+    payload = dim * 4 if wire == "f32" else 2 * (-(-dim // 64) * 64 // 32 * 34)
     layers = 2 * n_layers * (p - 1) * frame_bytes(payload)
     embedding = (p - 1) * frame_bytes(dim * 4)  # always float32, whatever the wire format
     small = 2 * (p - 1) * frame_bytes(60, header={"s": 100_000, "i": 0, "o": "ag"})
@@ -82,43 +89,76 @@ async def timed_request(port: int, prompt_ids: list[int], tokens: int) -> dict:
         return (await client.complete(prompt_ids=prompt_ids, temperature=0, max_tokens=tokens, ignore_eos=True)).__dict__
 
 
-def run_ring(p: int, model: str, threads: int, wire: str, tokens: int, prompt_ids: list[int]) -> dict:
-    """Decode-only figures come from the difference of a long and a one-token request."""
-    with tempfile.TemporaryDirectory(prefix="ringllm-bench-") as tmp:
-        ring_path = Path(tmp) / "ring.toml"
+class Ring:
+    """One ring of p peer processes, started once and measured in several rounds."""
+
+    def __init__(self, p: int, model: str, threads: int, wire: str) -> None:
+        self.p = p
+        self.tmp = tempfile.TemporaryDirectory(prefix="ringllm-bench-")
+        ring_path = Path(self.tmp.name) / "ring.toml"
         ring_path.write_text(init_ring_toml(p, model=model, wire=wire))
         cfg = load_ring(ring_path)
-        procs = [_spawn_peer(ring_path, r, threads, Path(tmp)) for r in range(p)]
-        ports = [pc.http_port for pc in cfg.peers]
-        try:
-            _wait_healthy(cfg, procs, Path(tmp))
-            asyncio.run(timed_request(ports[0], prompt_ids, 8))  # warm-up
-            s0 = asyncio.run(peer_stats(ports))
-            asyncio.run(timed_request(ports[0], prompt_ids, 1))
-            s1 = asyncio.run(peer_stats(ports))
-            done = asyncio.run(timed_request(ports[0], prompt_ids, tokens))
-            s2 = asyncio.run(peer_stats(ports))
-            rss = [proc_field(pr.pid, "status", "VmHWM") / 1024 for pr in procs]
-        finally:
-            _stop(procs)
+        self.procs = [_spawn_peer(ring_path, r, threads, Path(self.tmp.name)) for r in range(p)]
+        self.ports = [pc.http_port for pc in cfg.peers]
+        self.cfg = cfg
 
-    def decode_delta(r: int, key: str) -> float:
-        return (s2[r][key] - s1[r][key]) - (s1[r][key] - s0[r][key])
+    def wait(self) -> None:
+        _wait_healthy(self.cfg, self.procs, Path(self.tmp.name))
 
-    decode_steps = decode_delta(0, "steps")
-    decode_s = done["seconds"] - done["time_to_first_token"]
-    n = len(done["ids"])
-    return {
-        "peers": p, "threads_per_peer": threads, "wire": wire,
-        "tok_s": round((n - 1) / decode_s, 2),
-        "ttft_ms": round(done["time_to_first_token"] * 1000, 1),
-        "step_ms": round(decode_delta(0, "step_seconds") / decode_steps * 1000, 2),
-        "compute_ms_per_token": round((decode_delta(0, "step_seconds") - decode_delta(0, "sync_seconds")) / decode_steps * 1000, 2),
-        "sync_ms_per_token": round(decode_delta(0, "sync_seconds") / decode_steps * 1000, 2),
-        "bytes_per_token_per_peer": [round(decode_delta(r, "bytes_sent") / decode_steps) for r in range(p)],
-        "peak_rss_mb": [round(x, 1) for x in rss],
-        "ids_head": done["ids"][:8],
+    def measure(self, prompt_ids: list[int], tokens: int) -> dict:
+        """One timed greedy request; decode-only figures from the difference of a long and a
+        one-token request."""
+        p = self.p
+        s0 = asyncio.run(peer_stats(self.ports))
+        asyncio.run(timed_request(self.ports[0], prompt_ids, 1))
+        s1 = asyncio.run(peer_stats(self.ports))
+        done = asyncio.run(timed_request(self.ports[0], prompt_ids, tokens))
+        s2 = asyncio.run(peer_stats(self.ports))
+
+        def decode_delta(r: int, key: str) -> float:
+            return (s2[r][key] - s1[r][key]) - (s1[r][key] - s0[r][key])
+
+        steps = decode_delta(0, "steps")
+        n = len(done["ids"])
+        return {
+            "tok_s": (n - 1) / (done["seconds"] - done["time_to_first_token"]),
+            "ttft_ms": done["time_to_first_token"] * 1000,
+            "step_ms": decode_delta(0, "step_seconds") / steps * 1000,
+            "compute_ms_by_rank": [(decode_delta(r, "step_seconds") - decode_delta(r, "sync_seconds"))
+                                   / steps * 1000 for r in range(p)],
+            "sync_ms_by_rank": [decode_delta(r, "sync_seconds") / steps * 1000 for r in range(p)],
+            "bytes_per_token_per_peer": [round(decode_delta(r, "bytes_sent") / steps) for r in range(p)],
+            "ids_head": done["ids"][:8],
+        }
+
+    def peak_rss_mb(self) -> list[float]:
+        return [round(proc_field(pr.pid, "status", "VmHWM") / 1024, 1) for pr in self.procs]
+
+    def close(self) -> None:
+        _stop(self.procs)
+        self.tmp.cleanup()
+
+
+def summarize(p: int, threads: int, wire: str, runs: list[dict], p1_runs: list[dict] | None) -> dict:
+    """Medians over the rounds; speedup_vs_p1 is the median of the per-round ratios (each
+    round measures every P back to back, so a slow spell on the box hits both sides)."""
+    med = lambda xs: round(float(np.median(xs)), 2)  # noqa: E731
+    row = {
+        "peers": p, "threads_per_peer": threads, "wire": wire, "rounds": len(runs),
+        "tok_s": med([r["tok_s"] for r in runs]),
+        "tok_s_by_round": [round(r["tok_s"], 2) for r in runs],
+        "ttft_ms": med([r["ttft_ms"] for r in runs]),
+        "step_ms": med([r["step_ms"] for r in runs]),
+        "compute_ms_per_token": med([r["compute_ms_by_rank"][0] for r in runs]),
+        "sync_ms_per_token": med([r["sync_ms_by_rank"][0] for r in runs]),
+        "compute_ms_by_rank": [med([r["compute_ms_by_rank"][k] for r in runs]) for k in range(p)],
+        "sync_ms_by_rank": [med([r["sync_ms_by_rank"][k] for r in runs]) for k in range(p)],
+        "bytes_per_token_per_peer": runs[-1]["bytes_per_token_per_peer"],
+        "ids_head": runs[-1]["ids_head"],
     }
+    if p1_runs is not None:
+        row["speedup_vs_p1"] = med([r["tok_s"] / q["tok_s"] for r, q in zip(runs, p1_runs)])
+    return row
 
 
 def main() -> None:
@@ -127,6 +167,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wire", default="f32", choices=["f32", "q8_0"])
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all P, back to back")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
     from ringllm import runtime
@@ -137,12 +178,25 @@ def main() -> None:
     c = info.config
     prompt_ids = info.tokenizer.encode(TEXT * 8, parse_special=False)[:64]
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
-    for p in args.peers:
-        row = run_ring(p, model, args.threads, args.wire, args.tokens, prompt_ids)
-        row["formula_bytes_per_token"] = round(formula_bytes(p, c.n_layers, c.dim, args.wire))
-        row["machine"] = machine
-        print(json.dumps(row), flush=True)
-
+    rings = {p: Ring(p, model, args.threads, args.wire) for p in args.peers}
+    try:
+        for ring in rings.values():
+            ring.wait()
+            asyncio.run(timed_request(ring.ports[0], prompt_ids, 8))  # warm-up
+        runs: dict[int, list[dict]] = {p: [] for p in args.peers}
+        for _ in range(args.rounds):  # every round measures every P back to back
+            for p, ring in rings.items():
+                runs[p].append(ring.measure(prompt_ids, args.tokens))
+        for p, ring in rings.items():
+            row = summarize(p, args.threads, args.wire, runs[p], runs.get(1))
+            row["formula_bytes_per_token"] = round(formula_bytes(p, c.n_layers, c.dim, args.wire))
+            row["peak_rss_mb"] = ring.peak_rss_mb()
+            row["load"] = round(os.getloadavg()[0], 2)
+            row["machine"] = machine
+            print(json.dumps(row), flush=True)
+    finally:
+        for ring in rings.values():
+            ring.close()
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ from ringllm.ring.handshake import (
     REFUSED,
     Handshake,
     HandshakeInfo,
+    PROTOCOL_VERSION,
     compute_mac,
     handshake,
     transcript,
@@ -133,8 +134,9 @@ async def test_driver_success():
 
 @pytest.mark.parametrize("kwargs,reason_a,reason_b", [
     ({"secret_b": b"nope"}, "wrong secret", "wrong secret"),
-    ({"b": dataclasses.replace(B, version=2)},
-     "protocol version 2 not supported (we speak 1)", "protocol version 1 not supported (we speak 2)"),
+    ({"b": dataclasses.replace(B, version=PROTOCOL_VERSION + 1)},
+     f"protocol version {PROTOCOL_VERSION + 1} not supported (we speak {PROTOCOL_VERSION})",
+     f"protocol version {PROTOCOL_VERSION} not supported (we speak {PROTOCOL_VERSION + 1})"),
     ({"b": dataclasses.replace(B, ring="other")},
      "peer is in ring 'other' but we are in ring 'lab'", "peer is in ring 'lab' but we are in ring 'other'"),
     ({"b": dataclasses.replace(B, model="ef56" * 16)},

@@ -207,7 +207,7 @@ def _assert_still_serving(ring: Ring) -> None:
 
 async def test_garbage_on_the_peer_port_is_dropped_with_a_reason_and_the_ring_keeps_serving(tiny_ring):
     port = tiny_ring.cfg.peers[0].port
-    hello = encode_frame_bytes("hello", {"magic": b"RINGLLM", "v": 1, "ring": "sec", "rank": 1, "size": 2,
+    hello = encode_frame_bytes("hello", {"magic": b"RINGLLM", "v": PROTOCOL_VERSION, "ring": "sec", "rank": 1, "size": 2,
                                          "model": "m", "plan": "p", "nonce": os.urandom(32), "cfg": ""})
     cases = {  # name: (bytes to send, close afterwards, expected reason)
         "random bytes": (b"\xff\x00" + os.urandom(4000), False, "not a ringllm peer or protocol error: bad frame magic"),

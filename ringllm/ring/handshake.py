@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 HANDSHAKE_MAGIC = b"RINGLLM"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 NONCE_BYTES = 32
 # Before the peer is authenticated it may only make us buffer this much.
 HANDSHAKE_MAX_FRAME = 16 * 1024

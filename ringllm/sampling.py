@@ -11,8 +11,9 @@ The rule (every peer applies it and so every peer picks the same token, with no 
    a logit threshold, computed from a small all-gather of each peer's sorted top candidates
    (and the slices' log-sum-exp when top-p runs without top-k). The kept set is every token
    with a logit at or above the threshold. Then temperature, then the **Gumbel-max trick**:
-   the token is argmax over kept tokens of ``logit / T + g[id]``, where ``g`` is Gumbel noise
-   for the whole vocabulary drawn from Philox(key=seed, counter=step). Noise depends only on
+   the token is argmax over kept tokens of ``logit / T + g[id]``, where ``g[id]`` is the
+   id-th Gumbel draw of Philox(key=seed, counter=step) (each peer draws only its slice of
+   that stream). Noise depends only on
    (seed, step, token id), not on how the vocabulary is split, so P peers pick exactly what
    one peer would, and the same seed gives the same text.
 
@@ -101,11 +102,12 @@ def choose_batch(logits: np.ndarray, vocab_offset: int, vocab_size: int, params:
     def summary(i: int) -> tuple:
         p, lg = params[i], lgs[i]
         need_list = not p.greedy and (p.top_k > 0 or p.top_p < 1.0)
+        raw_lse = _logsumexp(raws[i])
         return (_best(lg, raws[i], v0) if p.greedy else None,
-                _logsumexp(raws[i]),
+                raw_lse,
                 _top(raws[i], p.top_logprobs, v0) if p.top_logprobs else ([], []),
                 _top(lg, sizes[i], v0) if need_list else ([], []),
-                _logsumexp(lg),
+                raw_lse if lg is raws[i] else _logsumexp(lg),
                 float(lg.max()) if len(lg) else -math.inf)
 
     gathered = gather([summary(i) for i in range(b)])
@@ -135,7 +137,7 @@ def choose_batch(logits: np.ndarray, vocab_offset: int, vocab_size: int, params:
         local = []
         for i in sampled:
             p = params[i]
-            noise = _gumbel(p.seed, steps[i], vocab_size)[v0 : v0 + len(lgs[i])]
+            noise = _gumbel(p.seed, steps[i], v0, v0 + len(lgs[i]))
             score = np.where(lgs[i] >= taus[i], lgs[i] / np.float32(p.temperature) + noise, -np.inf)
             local.append(_best(score, raws[i], v0))
         for j, cands in enumerate(zip(*gather(local))):
@@ -184,9 +186,14 @@ def _threshold(parts: list[list], params: SamplingParams, m: int) -> float | Non
     return tau
 
 
-def _gumbel(seed: int, step: int, n: int) -> np.ndarray:
-    """Gumbel(0,1) noise for the whole vocabulary, a pure function of (seed, step)."""
-    u = np.random.Generator(np.random.Philox(key=seed, counter=step)).random(n)
+def _gumbel(seed: int, step: int, lo: int, hi: int) -> np.ndarray:
+    """Gumbel(0,1) noise for token ids [lo, hi): entries lo..hi-1 of one stream that is a pure
+    function of (seed, step), so every peer draws only its own vocabulary slice and the slices
+    agree with a single peer's whole-vocabulary draw. Philox is counter-based: ``advance(k)``
+    skips 4k doubles in O(1)."""
+    bits = np.random.Philox(key=seed, counter=step)
+    bits.advance(lo // 4)
+    u = np.random.Generator(bits).random(hi - lo + lo % 4)[lo % 4:]
     return (-np.log(-np.log(np.clip(u, 1e-300, 1.0 - 1e-16)))).astype(np.float32)
 
 
@@ -231,10 +238,16 @@ def _argmax_pairs(cands: list[tuple[float, int, float] | None]) -> tuple[int, fl
 
 
 def _logsumexp(x: np.ndarray) -> float:
+    """log(sum(exp(x))) for float32 x: exp in float32 (each term to ~1 ulp, 3x faster than in
+    float64 over a vocabulary), the sum accumulated in float64."""
     if not len(x):
         return -math.inf
-    m = float(x.max())
-    return m + math.log(float(np.exp((x - m).astype(np.float64)).sum()))
+    m = x.max()
+    if m == -np.inf:
+        return -math.inf
+    e = np.subtract(x, m, dtype=np.float32)
+    np.exp(e, out=e)
+    return float(m) + math.log(float(np.add.reduce(e, dtype=np.float64)))
 
 
 def _combine_lse(parts: list[float]) -> float:

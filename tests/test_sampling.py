@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ringllm.errors import RequestError
-from ringllm.sampling import SamplingParams, choose
+from ringllm.sampling import SamplingParams, choose, _gumbel
 from ringllm.shard.plan import apportion
 
 
@@ -179,3 +179,16 @@ def test_values_that_would_not_fit_the_wire_are_refused_up_front():
         Request((1, 2), max_tokens=2**70)
     with pytest.raises(RequestError, match="prompt token ids"):
         Request((1, 2**64))
+
+
+@given(seed=st.integers(0, 2**31 - 1), step=st.integers(0, 10_000),
+       cut=st.lists(st.integers(0, 1000), min_size=2, max_size=6, unique=True))
+def test_gumbel_slices_are_the_whole_vocabulary_draw(seed, step, cut):
+    """Each peer draws noise for its own slice only; the slices must be exactly the single
+    peer's whole-vocabulary draw, or sampled tokens would depend on P."""
+    cut = sorted(cut)
+    whole = _gumbel(seed, step, cut[0], cut[-1])
+    parts = np.concatenate([_gumbel(seed, step, a, b) for a, b in zip(cut, cut[1:])])
+    assert np.array_equal(parts, whole)
+    u = np.random.Generator(np.random.Philox(key=seed, counter=step)).random(cut[-1])[cut[0]:]
+    assert np.array_equal(whole, (-np.log(-np.log(np.clip(u, 1e-300, 1.0 - 1e-16)))).astype(np.float32))

@@ -154,14 +154,16 @@ class GGUFFile:
         """Zero-copy uint8 view of a tensor's bytes (read-only; valid until :meth:`close`)."""
         return np.frombuffer(self._mm, np.uint8, count=t.nbytes, offset=t.offset)
 
-    def release(self, t: RawTensor) -> None:
-        """Hand the tensor's pages back to the OS (they stay in the page cache, not in our RSS).
+    def release(self, t: RawTensor, lo: int = 0, hi: int | None = None) -> None:
+        """Hand the pages of the tensor's bytes [lo, hi) (default: all) back to the OS; they stay
+        in the page cache, not in our RSS.
 
-        Call after the tensor was copied; later reads of it fault the pages in again.
+        Call after those bytes were copied; later reads of them fault the pages in again.
         """
+        hi = t.nbytes if hi is None else min(hi, t.nbytes)
         page = mmap.PAGESIZE
-        start = t.offset // page * page
-        end = min(self.size, -(-(t.offset + t.nbytes) // page) * page)
+        start = (t.offset + lo) // page * page
+        end = min(self.size, -(-(t.offset + hi) // page) * page)
         if end > start and hasattr(self._mm, "madvise"):
             self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 

@@ -75,9 +75,15 @@ class ModelFile:
         self.fingerprint = _fingerprint(self.metadata, self.tensors)
         self._check_tensors()
 
-    def release(self, name: str) -> None:
-        """Drop the pages of a tensor that has been copied from our resident memory."""
-        self._file.release(self._file.tensors[name])
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the pages of a tensor (or of its rows [r0, r1)) that has been copied from our
+        resident memory."""
+        t = self._file.tensors[name]
+        if rows is None:
+            self._file.release(t)
+        else:
+            row_bytes = self.tensors[name].raw.shape[1]
+            self._file.release(t, rows[0] * row_bytes, rows[1] * row_bytes)
 
     def drop_vocabulary(self) -> None:
         """Forget the large vocabulary arrays in ``metadata`` once the tokenizer is built."""

@@ -237,6 +237,24 @@ def test_holds_no_reference_to_raw(tmp_path):
     assert same_bits(m.dequantize(), oracle(QT.Q4_1, raw[10:50], 40, 256))
 
 
+def test_rows_done_reports_copied_rows_in_order(monkeypatch_tiles):
+    """The loader drops a big tensor's file pages as rows are copied: from_raw must report
+    only rows it no longer reads, in order, ending with all of them."""
+    monkeypatch_tiles(True)
+    rng = np.random.default_rng(2)
+    raw = make_raw(QT.Q8_0, 100, 256, "normal", rng).copy()
+    seen: list[int] = []
+
+    def done(r: int) -> None:
+        seen.append(r)
+        raw[:r] = 0  # what the caller may now drop; a later read of these rows would be wrong
+
+    m = quant.QuantMatrix.from_raw(QT.Q8_0, raw, 100, 256, rows_done=done)
+    assert len(seen) > 1 and seen == sorted(seen) and seen[-1] == 100
+    assert same_bits(m.dequantize(), oracle(QT.Q8_0, make_raw(QT.Q8_0, 100, 256, "normal",
+                                                                 np.random.default_rng(2)), 100, 256))
+
+
 def test_column_slice_of_raw():
     """A block-aligned column range of the file rows is a valid (non-contiguous) raw."""
     rng = np.random.default_rng(1)

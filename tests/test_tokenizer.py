@@ -199,7 +199,8 @@ def spm(pieces: dict[str, float], *, bytes_: bool = True, **meta: object) -> Tok
 
 
 def ids_of(t: Tokenizer, *texts: str) -> list[int]:
-    return [t._to_id[x] for x in texts]
+    to_id = {t.token_text(i): i for i in range(t.vocab_size)}  # a duplicate keeps its last id
+    return [to_id[x] for x in texts]
 
 
 BASE = {"▁": -1.0, "a": -2.0, "b": -2.0, "c": -2.0}

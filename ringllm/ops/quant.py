@@ -365,11 +365,14 @@ class QuantMatrix:
     # -- construction
 
     @classmethod
-    def from_raw(cls, qtype, raw: np.ndarray, rows: int, cols: int) -> "QuantMatrix":
+    def from_raw(cls, qtype, raw: np.ndarray, rows: int, cols: int,
+                 rows_done: Callable[[int], None] | None = None) -> "QuantMatrix":
         """raw: uint8 (rows, row_bytes) exactly as stored in the GGUF file (may be a read-only
         memmap view, rows or block-aligned columns sliced). The result holds no reference to
-        ``raw``. Raises UnsupportedError for a type not in SUPPORTED, ModelError if raw has the
-        wrong dtype or shape.
+        ``raw``; ``rows_done(r)``, if given, is called as soon as rows [0, r) of ``raw`` have
+        been copied (so a caller can drop their file pages while a big matrix loads). Raises
+        UnsupportedError for a type not in SUPPORTED, ModelError if raw has the wrong dtype or
+        shape.
         """
         _check_supported(qtype)
         qtype = QT(qtype)
@@ -406,6 +409,8 @@ class QuantMatrix:
             d[i, : r1 - r0] = di
             if m is not None:
                 m[i, : r1 - r0] = mi
+            if rows_done is not None:
+                rows_done(r1)
 
         def slots(a):  # (nt, T, G) -> (nt, per, G, Tp), contiguous
             return np.ascontiguousarray(a.reshape(nt, c.per, Tp, G).transpose(0, 1, 3, 2))

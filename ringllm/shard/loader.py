@@ -161,13 +161,15 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
         ))
         for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
             model.release(f"blk.{i}.{part}.weight")  # copied: keep peak RSS near the shard's size
-    embd_info = model.tensor("token_embd.weight")
-    embed = QuantMatrix.from_raw(embd_info.qtype, np.ascontiguousarray(embd_info.raw[v0:v1]), v1 - v0, embd_info.cols)
-    if c.tied_embeddings:
-        output = embed
-    else:
-        out_info = model.tensor("output.weight")
-        output = QuantMatrix.from_raw(out_info.qtype, np.ascontiguousarray(out_info.raw[v0:v1]), v1 - v0, out_info.cols)
+    def vocab_rows(name: str) -> QuantMatrix:
+        # The biggest tensors (28 MB for SmolLM2): drop file pages as the rows are repacked,
+        # or they would sit in RSS next to their copy (measured: +30 MB peak at P=1).
+        info = model.tensor(name)
+        return QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(info.raw[v0:v1]), v1 - v0, info.cols,
+                                    rows_done=lambda r: model.release(name, (v0, v0 + r)))
+
+    embed = vocab_rows("token_embd.weight")
+    output = embed if c.tied_embeddings else vocab_rows("output.weight")
     for name in ("token_embd.weight", "output.weight"):
         if model.has(name):
             model.release(name)

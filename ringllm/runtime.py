@@ -5,8 +5,6 @@ Kept apart from the CLI so the Python API, the peer and the tests share it.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -14,6 +12,7 @@ import numpy as np
 
 from ringllm.chat import render_chat
 from ringllm.fetch import resolve_model
+from ringllm.memory import release_free_memory
 from ringllm.model import AllReduce, Transformer, identity_allreduce
 from ringllm.model_file import ModelConfig, ModelFile
 from ringllm.ops import quant
@@ -62,16 +61,6 @@ def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce =
     model = Transformer(load_shard(mf, plan[rank]), allreduce, max_len=max_len)
     release_free_memory()
     return model
-
-
-def release_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc keeps them otherwise): loading leaves ~100k
-    small freed objects behind, and a peer's resident size is what its host pays for."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def set_threads(n: int) -> None:

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ringllm.memory import release_free_memory
 from ringllm.model_file import ModelConfig, ModelFile, TensorInfo
 from ringllm.ops.quant import QuantMatrix, block_size
 from ringllm.shard.plan import PeerShard, Range
@@ -168,6 +169,7 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
         return QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(info.raw[v0:v1]), v1 - v0, info.cols,
                                     rows_done=lambda r: model.release(name, (v0, v0 + r)))
 
+    release_free_memory()  # the layers' load temporaries, before the biggest matrix arrives
     embed = vocab_rows("token_embd.weight")
     output = embed if c.tied_embeddings else vocab_rows("output.weight")
     for name in ("token_embd.weight", "output.weight"):

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from ringllm.errors import RingError
 
@@ -103,7 +103,9 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def _prompt_address(args: argparse.Namespace) -> str:
+    """The peer's HTTP address; also sets ``args.tls`` (the client TLS context, or None)."""
     if args.peer is not None:
+        args.tls = _client_tls(None, args.cacert)
         return args.peer
     from ringllm.ring.config import load_ring
 
@@ -111,7 +113,22 @@ def _prompt_address(args: argparse.Namespace) -> str:
     p = cfg.peer(args.rank)
     if args.api_key is None:
         args.api_key = cfg.api_key
+    args.tls = _client_tls(cfg, args.cacert)
     return f"{cfg.http_host if cfg.http_host not in ('0.0.0.0', '::') else p.host}:{p.http_port}"
+
+
+def _client_tls(cfg: Any, cacert: str | None) -> Any:
+    """TLS for the HTTP API: a ring with [tls] serves HTTPS under its own CA; --cacert trusts
+    a CA file for a single --peer (an https:// address without it uses the system's CAs)."""
+    if cfg is not None and cfg.tls is not None:
+        from ringllm.ring.tls import http_client_context
+
+        return http_client_context(cfg.tls)
+    if cacert:
+        import ssl
+
+        return ssl.create_default_context(cafile=cacert)
+    return None
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:
@@ -134,7 +151,7 @@ async def _prompt_once(args: argparse.Namespace, address: str) -> int:
     from ringllm.client import connect
     from ringllm.launch import _body_from_args
 
-    async with connect(address, api_key=args.api_key) as client:
+    async with connect(address, api_key=args.api_key, ssl=args.tls) as client:
         done = await client.complete(on_text=None if args.json else _stream, **_body_from_args(args))
     return print_completion(args, done)
 
@@ -165,7 +182,7 @@ async def _chat_loop(args: argparse.Namespace, address: str) -> int:
     tty = sys.stdin.isatty()
     pending = [args.prompt] if args.prompt else []
     body = _chat_body(args)
-    async with connect(address, api_key=args.api_key) as client:
+    async with connect(address, api_key=args.api_key, ssl=args.tls) as client:
         while True:
             if pending:
                 line = pending.pop(0)
@@ -201,10 +218,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         cfg = load_ring(args.ring)
         targets = [(p.rank, f"{p.host}:{p.http_port}") for p in cfg.peers]
         loopback_only = cfg.http_host in ("127.0.0.1", "localhost", "::1")
+        tls = _client_tls(cfg, args.cacert)
     else:
         targets = [(None, a) for a in args.peer]
         loopback_only = False
-    healths = asyncio.run(ring_health([a for _, a in targets], timeout=args.timeout))
+        tls = _client_tls(None, args.cacert)
+    healths = asyncio.run(ring_health([a for _, a in targets], timeout=args.timeout, ssl=tls))
     rows = [_status_row(rank, addr, h, loopback_only) for (rank, addr), h in zip(targets, healths)]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
@@ -289,6 +308,8 @@ def make_parser() -> argparse.ArgumentParser:
     where.add_argument("--peer", help="the peer's HTTP address host:port")
     where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
     pr.add_argument("--rank", type=int, default=0)
+    pr.add_argument("--cacert", default=None, help="CA file to trust for an HTTPS peer (a ring.toml with [tls] "
+                                                    "brings its own)")
     pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
                     help="bearer key when the ring sets [http] api_key (default: $RINGLLM_API_KEY, or ring.toml's)")
     pr.add_argument("--chat", action="store_true",
@@ -301,6 +322,8 @@ def make_parser() -> argparse.ArgumentParser:
     st_where.add_argument("--ring", help="ring.toml: ask every peer it lists")
     st_where.add_argument("--peer", action="append", help="a peer's HTTP address host:port (repeatable)")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each peer (default 3)")
+    st.add_argument("--cacert", default=None, help="CA file to trust for HTTPS peers (a ring.toml with [tls] "
+                                                    "brings its own)")
     st.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     st.set_defaults(func=cmd_status)
 

@@ -18,6 +18,7 @@ For OpenAI-style clients, point them at :attr:`Client.openai_base_url`.
 from __future__ import annotations
 
 import json
+import ssl as ssl_module
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -32,21 +33,27 @@ GENERATION_PARAMS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "m
 _INPUTS = frozenset({"prompt", "raw", "system", "messages", "prompt_ids"})
 
 
-def _parse_address(address: str) -> str:
+def _parse_address(address: str, tls: bool = False) -> str:
     if address.startswith(("http://", "https://")):
         return address.rstrip("/")
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise RequestError(f"peer address {address!r} must look like host:port")
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 class Client:
-    """A connection to one peer's HTTP API. Use as an async context manager."""
+    """A connection to one peer's HTTP API. Use as an async context manager.
 
-    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
-        self.base = _parse_address(address)
+    ``ssl``: the TLS context for a peer whose ring.toml has ``[tls]`` (a bare ``host:port``
+    then means https); ``ringllm.ring.tls.http_client_context(cfg.tls)`` trusts the ring's CA.
+    """
+
+    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0,
+                 ssl: ssl_module.SSLContext | None = None) -> None:
+        self.base = _parse_address(address, tls=ssl is not None)
         self.api_key = api_key
+        self._ssl = ssl
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
         self._session: aiohttp.ClientSession | None = None
 
@@ -57,7 +64,8 @@ class Client:
 
     async def __aenter__(self) -> "Client":
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
+        connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers, connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -155,7 +163,8 @@ class Client:
             raise PeerLostError(self.base, _unreachable(exc)) from None
 
 
-async def ring_health(addresses: Sequence[str], *, timeout: float = 3.0) -> list[dict[str, Any]]:
+async def ring_health(addresses: Sequence[str], *, timeout: float = 3.0,
+                      ssl: ssl_module.SSLContext | None = None) -> list[dict[str, Any]]:
     """Every address's ``/health`` document, asked concurrently, in the order given.
 
     A peer that does not answer within ``timeout`` seconds (or answers garbage) gives
@@ -165,7 +174,7 @@ async def ring_health(addresses: Sequence[str], *, timeout: float = 3.0) -> list
 
     async def one(address: str) -> dict[str, Any]:
         try:
-            async with Client(address, timeout=timeout) as client:
+            async with Client(address, timeout=timeout, ssl=ssl) as client:
                 h = await client.health()
                 return h if isinstance(h, dict) and "status" in h else {"error": f"unexpected answer {str(h)[:80]}"}
         except asyncio.TimeoutError:
@@ -214,10 +223,12 @@ def _peer_lost(message: str) -> PeerLostError:
     return exc
 
 
-def connect(address: str, *, api_key: str | None = None, timeout: float = 600.0) -> Client:
+def connect(address: str, *, api_key: str | None = None, timeout: float = 600.0,
+            ssl: ssl_module.SSLContext | None = None) -> Client:
     """A client for the peer whose HTTP API listens at ``address`` ("host:port" or a URL).
 
     ``api_key`` is sent as a bearer token (needed when the ring sets ``[http] api_key``);
-    ``timeout`` bounds one whole request in seconds.
+    ``timeout`` bounds one whole request in seconds; ``ssl`` is the TLS context for a ring
+    with ``[tls]`` (see :class:`Client`).
     """
-    return Client(address, api_key=api_key, timeout=timeout)
+    return Client(address, api_key=api_key, timeout=timeout, ssl=ssl)

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ringllm
+from ringllm.client import connect
 from ringllm.errors import HandshakeError, RemoteProtocolError
 from ringllm.ring.handshake import (
     HANDSHAKE_MAX_FRAME,
@@ -41,6 +42,7 @@ from ringllm.ring.handshake import (
     HandshakeInfo,
     handshake,
 )
+from ringllm.ring.tls import http_client_context
 from ringllm.ring.wire import Frame, FrameDecoder, encode_frame_bytes
 from tests.peer_procs import ROOT, Ring, ring_toml
 
@@ -440,6 +442,26 @@ def test_tls_on_peer_links_and_http(tmp_path, tiny_model_path):
         assert "over TLS" in ring.log(0)
         ref = asyncio.run(_greedy(ring.http(0), client_ctx))
         assert asyncio.run(_greedy(ring.http(1), client_ctx)) == ref
+
+        # The CLI and the Python client speak HTTPS too: ring.toml's [tls] brings the CA.
+        cli = [sys.executable, "-m", "ringllm"]
+        out = subprocess.run(cli + ["prompt", "--ring", str(ring.path), "--rank", "1", "--raw", "the cat",
+                                    "--temperature", "0", "--max-tokens", "8", "--ignore-eos", "--json"],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["ids"] == ref
+        status = subprocess.run(cli + ["status", "--ring", str(ring.path), "--json"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert status.returncode == 0 and [r["state"] for r in json.loads(status.stdout)] == ["up", "up"]
+        by_cacert = subprocess.run(cli + ["status", "--peer", ring.http(0), "--cacert", str(certs["ca"]), "--json"],
+                                   capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert by_cacert.returncode == 0, by_cacert.stdout + by_cacert.stderr
+
+        async def python_client() -> list[int]:
+            async with connect(ring.http(0), ssl=http_client_context(ring.cfg.tls)) as client:
+                done = await client.complete("the cat", raw=True, temperature=0, max_tokens=8, ignore_eos=True)
+            return done.ids
+        assert asyncio.run(python_client()) == ref
 
         async def strangers() -> None:
             port = ring.cfg.peers[0].port

@@ -4,8 +4,9 @@
 
 Each thread count runs in its own subprocess (so peak RSS is its own), side by side in one
 run. Per run: prefill tokens/s for a 128-token prompt, decode tokens/s for 128 greedy tokens
-after a 64-token prompt (best of --repeats), peak RSS, and RSS above a bare
-``python -c "import numpy"`` measured the same way.
+after a 64-token prompt (best of --repeats); RSS once the model is loaded (before any request)
+and its peak so far (the load), the peak over the whole run (KV caches and work buffers
+included), each also above a bare ``python -c "import numpy"`` measured the same way.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def worker(model_spec: str, threads: int, repeats: int) -> dict:
     info, mf = runtime.open_model(model_spec)
     model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
     mf.close()
+    loaded_rss, load_peak = current_rss_mb(), peak_rss_mb()  # the model loaded, no request yet
     ids = info.tokenizer.encode(TEXT * 8, parse_special=False)
     p128, p64 = np.array(ids[:128]), np.array(ids[:64])
     model.forward([Segment(model.new_cache(), p64[:8])])  # warm-up: buffers, pools
@@ -73,6 +75,8 @@ def worker(model_spec: str, threads: int, repeats: int) -> dict:
         "prefill_tokens": 128,
         "decode_tokens": 128,
         "decode_prompt_tokens": 64,
+        "loaded_rss_mb": round(loaded_rss, 1),
+        "load_peak_rss_mb": round(load_peak, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_mb": round(current_rss_mb(), 1),
         "weights_mb": round(model.w.nbytes / 2**20, 1),
@@ -103,6 +107,8 @@ def main() -> None:
                                        str(args.repeats), "--worker", str(n)])
         row = json.loads(out.decode().strip().splitlines()[-1])
         row["numpy_baseline_rss_mb"] = round(base, 1)
+        row["loaded_rss_above_numpy_mb"] = round(row["loaded_rss_mb"] - base, 1)
+        row["load_peak_above_numpy_mb"] = round(row["load_peak_rss_mb"] - base, 1)
         row["peak_rss_above_numpy_mb"] = round(row["peak_rss_mb"] - base, 1)
         row["machine"] = f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
         print(json.dumps(row), flush=True)

@@ -391,8 +391,15 @@ class QuantMatrix:
         T, nt = _tiling(rows, cols, 16 * c.per)
         Tp = T // c.per
         words = np.empty((nt, cols * Tp), c.word)
-        d = np.zeros((nt, T, G), _F32)  # filled row-major, transposed below
-        m = np.zeros((nt, T, G), _F32) if c.has_m else None
+        d = np.empty((nt, c.per, G, Tp), _F32)
+        m = np.empty((nt, c.per, G, Tp), _F32) if c.has_m else None
+        slot_scale = (2.0 ** (-c.bits * np.arange(c.per))).astype(_F32)[:, None, None]  # exact
+
+        def slots(a, n):  # one tile's (n, G) rows, zero-padded -> (per, G, Tp)
+            full = np.zeros((T, G), _F32)
+            full[:n] = a
+            return full.reshape(c.per, Tp, G).transpose(0, 2, 1)
+
         for i in range(nt):  # tile by tile: transient memory stays ~one tile
             r0, r1 = i * T, min(rows, (i + 1) * T)
             codes, di, mi = c.unpack(np.asarray(raw[r0:r1]), cols)
@@ -406,18 +413,12 @@ class QuantMatrix:
                 for k in range(c.per):
                     w |= cp[:, k, :].astype(c.word) << c.word(c.bits * k)
             words[i] = w.reshape(-1)
-            d[i, : r1 - r0] = di
+            np.multiply(slots(di, r1 - r0), slot_scale, out=d[i])
             if m is not None:
-                m[i, : r1 - r0] = mi
+                m[i] = slots(mi, r1 - r0)
             if rows_done is not None:
                 rows_done(r1)
-
-        def slots(a):  # (nt, T, G) -> (nt, per, G, Tp), contiguous
-            return np.ascontiguousarray(a.reshape(nt, c.per, Tp, G).transpose(0, 1, 3, 2))
-
-        d = slots(d)
-        d *= (2.0 ** (-c.bits * np.arange(c.per))).astype(_F32)[:, None, None]  # exact
-        return cls(qtype, rows, cols, T, words, d, None if m is None else slots(m))
+        return cls(qtype, rows, cols, T, words, d, m)
 
     @classmethod
     def _from_float(cls, qtype, raw, rows, cols):

@@ -527,8 +527,8 @@ class _Packed:
     """An immutable sequence of byte strings (or UTF-8 strings, ``text=True``) held as one blob
     and an offsets array. Why: a vocabulary as Python lists is ~100k small objects (~9 MB for
     SmolLM2's 49,152 tokens), and as they are built between the metadata's own short-lived
-    lists they pin half-empty allocator arenas for the life of the peer; packed, building the
-    tokenizer left 20 MB less resident."""
+    lists they pin half-empty allocator arenas for the life of the peer; packed, a peer holds
+    8 MB less after opening SmolLM2 (74 MB instead of 82)."""
 
     def __init__(self, items: Sequence[bytes], text: bool = False) -> None:
         self._off = np.zeros(len(items) + 1, np.int64)

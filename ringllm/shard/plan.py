@@ -9,11 +9,11 @@ Megatron-style split (gpt-fast's "colwise"/"rowwise"):
   columns (row-parallel). A peer also holds the k and v rows of every KV head its query heads
   read, so a KV head whose query group is cut between two peers is computed and cached by
   both (vLLM's KV-head replication). Why not whole KV groups: SmolLM2 has only 3 KV heads, so
-  P=2 would split attention 2/1 and P=4 would leave a peer without attention. Each layer's
-  attention ends in an all-reduce that waits for the slowest peer, so a 2/1 split made one
-  peer wait at every layer (measured at P=2: both ranks ~15 ms of each ~65 ms token in
-  collectives). Query heads split 5/4 at P=2 and 3/2/2/2 at P=4; the duplicated k/v rows cost
-  2 * head_dim rows per cut group.
+  P=2 would split attention 2/1 and P=4 would leave a peer without attention, whatever the
+  capacity weights say; each layer's attention ends in an all-reduce that waits for the
+  slowest peer. Query heads split 5/4 at P=2 and 3/2/2/2 at P=4; the duplicated k/v rows cost
+  2 * head_dim rows per cut group. (On the 2-core test box the tok/s difference at P=2 was
+  within its noise: there both peers wait ~125 us per all-reduce whatever the split.)
 - FFN by hidden units, in whole quant blocks of ffn_down's type (ffn_down is row-parallel, so
   its input dimension must be cut on block boundaries): ffn_gate/ffn_up by rows, ffn_down by
   columns.

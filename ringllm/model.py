@@ -12,7 +12,7 @@ through the matrix products together; only attention is per segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -74,6 +74,9 @@ class Segment:
 
     cache: KVCache
     tokens: np.ndarray  # int (n,)
+    # The causal mask of a multi-token segment, built at the first layer and reused by the
+    # others (keyed by the cache length it was built for): (position, additive mask).
+    _mask: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -221,8 +224,11 @@ class Transformer:
             qs = q[start : start + t].reshape(t, nkv, qpk, hd).transpose(1, 2, 0, 3).reshape(nkv, qpk * t, hd)
             scores = np.matmul(qs, K[:, :L].transpose(0, 2, 1))  # (nkv, qpk*t, L)
             if t > 1:  # causal mask: query i (position p0+i) sees keys 0..p0+i
-                qpos = np.tile(np.arange(p0, L), qpk)
-                scores[:, np.arange(L)[None, :] > qpos[:, None]] = -np.inf
+                if seg._mask is None or seg._mask[0] != p0:
+                    qpos = np.tile(np.arange(p0, L), qpk)
+                    mask = np.where(np.arange(L)[None, :] > qpos[:, None], np.float32(-np.inf), np.float32(0))
+                    seg._mask = (p0, mask)
+                scores += seg._mask[1]
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)

@@ -477,7 +477,14 @@ class QuantMatrix:
             else:
                 s0 = 1 if self._m is not None else -self._codec.offset
                 xa = x if xs is None else np.concatenate([x, s0 * xs], axis=1)
-                work = lambda lo, hi: self._gemm_tiles(xa, out, lo, hi)
+                # Prefill: every (tile, slot, column chunk) is its own sgemm writing its own
+                # output rows, so threads share out those units, not whole tiles: SmolLM2's
+                # 0.3-0.9 M-weight matrices are one or two tiles, which kept prefill's
+                # q|k|v and attn_output on one thread.
+                units = self._gemm_units()
+                _run_chunks([(j, j + 1) for j in range(len(units))],
+                            lambda lo, hi: self._gemm_unit(xa, out, *units[lo]))
+                return out
         _run_chunks(self._chunks, work)
         return out
 
@@ -544,40 +551,40 @@ class QuantMatrix:
                 yk += t.transpose(1, 0, 2)
             self._undest(out, i, i + 1, y)
 
-    def _gemm_tiles(self, xa, out, lo, hi):
-        """Prefill: dequantize a column chunk of one row slot into a (K [+ G], C) float32
-        matrix and run one sgemm. For min/offset types ``xa`` is x with its per-group sums
-        appended (times -offset for offset types) and the chunk gets G extra rows (m, or d),
-        so the sgemm also adds ``sum_g m*s`` (or ``-offset * sum_g d*s``)."""
-        c, G, T, Tp, K = self._codec, self._G, self._T, self._Tp, self.cols
-        n, ka = xa.shape
+    def _gemm_units(self) -> list[tuple[int, int, int, int]]:
+        """(tile, slot, first column, columns) of every prefill sgemm: row slot ``k`` of tile
+        ``i``, columns [a, a + C) of its Tp (about _GEMM_CHUNK_WEIGHTS weights each)."""
+        T, Tp, K = self._T, self._Tp, self.cols
         C = max(8, min(Tp, -(-_GEMM_CHUNK_WEIGHTS // K) // 8 * 8))
-        wbuf = _scratch("buf", ka * C)
-        for i in range(lo, hi):
-            words = self._words[i].reshape(1, K, Tp)
-            for k in range(c.per):
-                for a in range(0, Tp, C):
-                    r0 = i * T + k * Tp + a
-                    if r0 >= self.rows:
-                        break
-                    b = min(Tp, a + C)
-                    w = wbuf[: ka * (b - a)].reshape(ka, b - a)
-                    if c.per == 1:
-                        np.copyto(w[:K], words[0, :, a:b], casting="unsafe")
-                    else:
-                        np.bitwise_and(words[:, :, a:b], self._masks[k], out=w[None, :K],
-                                       casting="unsafe")
-                    wg = w[:K].reshape(G, c.gs, b - a)
-                    np.multiply(wg, self._d[i, k, :, None, a:b], out=wg)
-                    if ka > K and self._m is not None:
-                        w[K:] = self._m[i, k, :, a:b]
-                    elif ka > K:  # -offset * d: the sums appended to x carry -offset
-                        np.multiply(self._d[i, k, :, a:b], self._slot[k], out=w[K:])
-                    r1 = min(self.rows, r0 + b - a)
-                    if r1 - r0 == b - a:
-                        np.matmul(xa, w, out=out[:, r0:r1])
-                    else:
-                        out[:, r0:r1] = (xa @ w)[:, : r1 - r0]
+        return [(i, k, a, min(Tp, a + C) - a) for i in range(self._nt) for k in range(self._codec.per)
+                for a in range(0, Tp, C) if i * T + k * Tp + a < self.rows]
+
+    def _gemm_unit(self, xa, out, i, k, a, n_cols):
+        """One prefill sgemm: dequantize columns [a, a + n_cols) of row slot k of tile i into a
+        (K [+ G], n_cols) float32 matrix and multiply. For min/offset types ``xa`` is x with
+        its per-group sums appended (times -offset for offset types) and the chunk gets G extra
+        rows (m, or d), so the sgemm also adds ``sum_g m*s`` (or ``-offset * sum_g d*s``)."""
+        c, G, T, Tp, K = self._codec, self._G, self._T, self._Tp, self.cols
+        ka = xa.shape[1]
+        b = a + n_cols
+        w = _scratch("buf", ka * n_cols).reshape(ka, n_cols)
+        words = self._words[i].reshape(1, K, Tp)
+        if c.per == 1:
+            np.copyto(w[:K], words[0, :, a:b], casting="unsafe")
+        else:
+            np.bitwise_and(words[:, :, a:b], self._masks[k], out=w[None, :K], casting="unsafe")
+        wg = w[:K].reshape(G, c.gs, n_cols)
+        np.multiply(wg, self._d[i, k, :, None, a:b], out=wg)
+        if ka > K and self._m is not None:
+            w[K:] = self._m[i, k, :, a:b]
+        elif ka > K:  # -offset * d: the sums appended to x carry -offset
+            np.multiply(self._d[i, k, :, a:b], self._slot[k], out=w[K:])
+        r0 = i * T + k * Tp + a
+        r1 = min(self.rows, r0 + n_cols)
+        if r1 - r0 == n_cols:
+            np.matmul(xa, w, out=out[:, r0:r1])
+        else:
+            out[:, r0:r1] = (xa @ w)[:, : r1 - r0]
 
     def _float_tiles(self, x, out, lo, hi):
         """F32 straight BLAS; F16/BF16 widened to float32 per tile with integer bit ops."""

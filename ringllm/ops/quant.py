@@ -65,6 +65,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ringllm.errors import ModelError, UnsupportedError
 
+try:  # what np.einsum (no optimize=) calls after ~3 us of Python argument handling, 150x a token
+    from numpy._core.multiarray import c_einsum as _c_einsum
+except ImportError:  # a numpy that moved it: the public wrapper does the same
+    _c_einsum = np.einsum
+
 QT = GGMLQuantizationType
 _F32 = np.float32
 
@@ -521,7 +526,7 @@ class QuantMatrix:
             np.matmul(x3, bv, out=p[i - lo])  # p[k, g, 0, t] = sum_j x[g, j] * c'[g, j, k, t]
         y = self._dest(out, lo, hi, "y")
         yk = y.reshape(nb, c.per, Tp)
-        np.einsum("ikgt,ikgt->ikt", self._d[lo:hi], p[:, :, :, 0, :], out=yk)
+        _c_einsum("ikgt,ikgt->ikt", self._d[lo:hi], p[:, :, :, 0, :], out=yk)
         if self._a is not None:  # + sum_g a[g, t] * s[g], s[g] = sum_j x[g, j] (* _sk)
             s = np.add.reduce(x.reshape(G, c.gs), axis=1)
             s = s[None] if self._m is not None else s * self._sk  # (1 | per, 1, G)
@@ -545,7 +550,7 @@ class QuantMatrix:
             np.matmul(x3, bv, out=p)
             y = self._dest(out, i, i + 1, "yb")
             yk = y.reshape(n, c.per, Tp)
-            np.einsum("kgt,kgnt->nkt", self._d[i], p, out=yk)
+            _c_einsum("kgt,kgnt->nkt", self._d[i], p, out=yk)
             if xs is not None:
                 np.matmul(xk, self._a[i], out=t)
                 yk += t.transpose(1, 0, 2)

@@ -41,6 +41,13 @@ async def tcp_ring(size: int, **kw):
     return rings, listeners
 
 
+def close_ring(rings, listeners) -> None:
+    for r in rings:
+        r.close()
+    for lst in listeners:
+        lst.close()
+
+
 async def test_lent_link_notices_a_silent_neighbour_within_dead_after():
     """The compute thread's blocking wait gives up after dead_after of silence, not the 30 s
     recv timeout: a stalled neighbour mid-step is noticed within seconds."""
@@ -54,10 +61,7 @@ async def test_lent_link_notices_a_silent_neighbour_within_dead_after():
         await asyncio.to_thread(coll.allreduce_sync, np.ones(8, np.float32))  # rank 1 never joins
     assert time.monotonic() - t0 < 2.0
     coll.take_back()
-    for r in (a, b):
-        r.close()
-    for lst in listeners:
-        lst.close()
+    close_ring((a, b), listeners)
 
 
 async def test_pings_from_the_loop_keep_a_waiting_neighbour_patient():
@@ -98,10 +102,7 @@ async def test_pings_from_the_loop_keep_a_waiting_neighbour_patient():
     with pytest.raises(PeerLostError):
         await fut_b
     coll_b.take_back()
-    for r in (a, b):
-        r.close()
-    for lst in listeners:
-        lst.close()
+    close_ring((a, b), listeners)
 
 
 async def test_bye_names_the_lost_peer_round_the_ring():
@@ -122,10 +123,7 @@ async def test_bye_names_the_lost_peer_round_the_ring():
     # Rank 0 told rank 1 directly, too.
     with pytest.raises(PeerLostError, match=r"^lost peer rank 0: rank 0 lost contact with you"):
         await rings[1].prev.recv(timeout=5)
-    for r in rings:
-        r.close()
-    for lst in listeners:
-        lst.close()
+    close_ring(rings, listeners)
 
 
 async def test_listener_readmits_the_predecessor_only_after_its_link_died():
@@ -148,10 +146,7 @@ async def test_listener_readmits_the_predecessor_only_after_its_link_died():
         for r in range(2)])
     await again[0].next.send("x-hi", {"n": 1})
     assert (await again[1].prev.recv(timeout=5)).header == {"n": 1}
-    for r in again:
-        r.close()
-    for lst in listeners:
-        lst.close()
+    close_ring(again, listeners)
 
 
 # -- real peer processes ----------------------------------------------------------------------

@@ -117,8 +117,7 @@ class LocalEngine:
         v0 = self.model.vocab_range[0]
         while seq.finish_reason is None:
             logits = self.model.forward([Segment(seq.cache, seq.next_tokens())])[0]
-            choice = choose(logits, v0, self.model.cfg.vocab_size, request.sampling, len(seq.ids),
-                            seq.history, self.gather)
+            choice = choose(logits, v0, request.sampling, len(seq.ids), seq.history, self.gather)
             yield seq.accept(choice)
 
 

@@ -364,8 +364,7 @@ class Peer:
         segments = [Segment(r.seq.cache, r.seq.next_tokens()) for r in batch]
         logits = self.model.forward(segments)
         v0 = self.model.vocab_range[0]
-        vocab = self.model.cfg.vocab_size
-        return choose_batch(logits, v0, vocab, [r.seq.request.sampling for r in batch], [len(r.seq.ids) for r in batch],
+        return choose_batch(logits, v0, [r.seq.request.sampling for r in batch], [len(r.seq.ids) for r in batch],
                             [r.seq.history for r in batch], self._gather_sync)
 
     def allreduce_exact_sync(self, x: np.ndarray) -> np.ndarray:

@@ -79,13 +79,13 @@ class Choice:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
-def choose(logits: np.ndarray, vocab_offset: int, vocab_size: int, params: SamplingParams, step: int,
+def choose(logits: np.ndarray, vocab_offset: int, params: SamplingParams, step: int,
            history: Sequence[int], gather: Gather = single_gather) -> Choice:
     """Pick the next token from this peer's logit slice ``logits`` (ids vocab_offset + i)."""
-    return choose_batch(logits[None, :], vocab_offset, vocab_size, [params], [step], [history], gather)[0]
+    return choose_batch(logits[None, :], vocab_offset, [params], [step], [history], gather)[0]
 
 
-def choose_batch(logits: np.ndarray, vocab_offset: int, vocab_size: int, params: Sequence[SamplingParams],
+def choose_batch(logits: np.ndarray, vocab_offset: int, params: Sequence[SamplingParams],
                  steps: Sequence[int], histories: Sequence[Sequence[int]], gather: Gather = single_gather) -> list[Choice]:
     """Pick one token for each row of ``logits`` (B, local_vocab), one sequence per row.
 

@@ -51,7 +51,7 @@ def on_peers(vocab, weights, fn):
 
 def sharded_choose(logits, weights, params, step, history):
     return on_peers(len(logits), weights,
-                    lambda lo, hi, g: choose(logits[lo:hi], lo, len(logits), params, step, history, g))
+                    lambda lo, hi, g: choose(logits[lo:hi], lo, params, step, history, g))
 
 
 params_st = st.builds(
@@ -74,7 +74,7 @@ def test_split_vocab_picks_what_one_peer_picks(params, weights, step, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
     history = list(rng.integers(0, vocab, 10))
-    single = choose(logits, 0, vocab, params, step, history)
+    single = choose(logits, 0, params, step, history)
     shards = sharded_choose(logits, weights, params, step, history)
     for c in shards:
         assert c.token == single.token
@@ -84,23 +84,23 @@ def test_split_vocab_picks_what_one_peer_picks(params, weights, step, data):
 
 def test_greedy_is_argmax_lowest_id_on_ties():
     logits = np.array([1.0, 3.0, 3.0, 2.0], np.float32)
-    assert choose(logits, 0, 4, SamplingParams(temperature=0), 0, []).token == 1
+    assert choose(logits, 0, SamplingParams(temperature=0), 0, []).token == 1
 
 
 def test_temperature_sampling_follows_the_distribution():
     """Gumbel-max with Philox noise samples softmax(logits / T): a chi-square-free frequency check."""
     logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
     p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
-    counts = np.bincount([choose(logits, 0, 3, p, s, []).token for s in range(4000)], minlength=3) / 4000
+    counts = np.bincount([choose(logits, 0, p, s, []).token for s in range(4000)], minlength=3) / 4000
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
 
 
 def test_top_k_and_min_p_exclude_tokens():
     logits = np.array([5.0, 4.9, 0.0, -1.0], np.float32)
     p = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, seed=1)
-    assert {choose(logits, 0, 4, p, s, []).token for s in range(300)} == {0, 1}
+    assert {choose(logits, 0, p, s, []).token for s in range(300)} == {0, 1}
     p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5, seed=1)
-    assert {choose(logits, 0, 4, p, s, []).token for s in range(300)} == {0, 1}
+    assert {choose(logits, 0, p, s, []).token for s in range(300)} == {0, 1}
 
 
 def test_top_p_without_top_k_finds_the_nucleus_across_peers():
@@ -125,7 +125,7 @@ def test_top_p_nucleus_larger_than_first_gather_matches_single_peer():
     logits = np.linspace(0.0, 0.5, 6000).astype(np.float32)[::-1].copy()
     p = SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=11)
     for s in range(5):
-        single = choose(logits, 0, len(logits), p, s, []).token
+        single = choose(logits, 0, p, s, []).token
         assert {c.token for c in sharded_choose(logits, [1, 2, 1], p, s, [])} == {single}
 
 
@@ -134,7 +134,7 @@ def sharded_choose_batch(logits, weights, params, steps, histories):
 
     vocab = logits.shape[1]
     return on_peers(vocab, weights,
-                    lambda lo, hi, g: choose_batch(logits[:, lo:hi], lo, vocab, params, steps, histories, g))
+                    lambda lo, hi, g: choose_batch(logits[:, lo:hi], lo, params, steps, histories, g))
 
 
 @settings(max_examples=30, deadline=None)
@@ -146,7 +146,7 @@ def test_batched_choice_equals_one_by_one_and_across_peers(params, weights, seed
     logits = (rng.standard_normal((len(params), vocab)) * 3).astype(np.float32)
     steps = list(rng.integers(0, 100, len(params)))
     histories = [list(rng.integers(0, vocab, 5)) for _ in params]
-    one_by_one = [choose(logits[i], 0, vocab, p, steps[i], histories[i]).token for i, p in enumerate(params)]
+    one_by_one = [choose(logits[i], 0, p, steps[i], histories[i]).token for i, p in enumerate(params)]
     for peer_result in sharded_choose_batch(logits, weights, params, steps, histories):
         assert [c.token for c in peer_result] == one_by_one
 
@@ -161,10 +161,10 @@ def test_batched_greedy_makes_one_gather():
         return [obj]
 
     logits = np.random.default_rng(0).standard_normal((8, 100)).astype(np.float32)
-    choose_batch(logits, 0, 100, [SamplingParams(temperature=0)] * 8, [0] * 8, [[]] * 8, gather)
+    choose_batch(logits, 0, [SamplingParams(temperature=0)] * 8, [0] * 8, [[]] * 8, gather)
     assert len(calls) == 1
     calls.clear()
-    choose_batch(logits, 0, 100, [SamplingParams(temperature=0.7, seed=i) for i in range(8)], [0] * 8, [[]] * 8, gather)
+    choose_batch(logits, 0, [SamplingParams(temperature=0.7, seed=i) for i in range(8)], [0] * 8, [[]] * 8, gather)
     assert len(calls) == 2
 
 

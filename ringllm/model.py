@@ -12,7 +12,7 @@ through the matrix products together; only attention is per segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -74,9 +74,6 @@ class Segment:
 
     cache: KVCache
     tokens: np.ndarray  # int (n,)
-    # The causal mask of a multi-token segment, built at the first layer and reused by the
-    # others (keyed by the cache length it was built for): (position, additive mask).
-    _mask: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -148,10 +145,11 @@ class Transformer:
         c = self.cfg
         ids = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])
         positions = np.concatenate([np.arange(s.cache.length, s.cache.length + len(s.tokens)) for s in segments])
+        masks = [self._causal_mask(seg) for seg in segments]  # the same for every layer
         x = self._embed(ids)  # (n, dim)
         for li, lw in enumerate(self.w.layers):
             h = rmsnorm(x, lw.attn_norm, c.rms_eps)
-            attn = self._attention(li, lw, h, segments, positions)
+            attn = self._attention(li, lw, h, segments, positions, masks)
             x = x + self.allreduce(lw.wo.partial(attn))
             h = rmsnorm(x, lw.ffn_norm, c.rms_eps)
             gu = lw.gate_up.matmul(h)
@@ -183,7 +181,17 @@ class Transformer:
             x[mine] = self.w.embed.rows_f32(ids[mine] - v0)
         return self.allreduce_exact(x)
 
-    def _attention(self, li: int, lw, h: np.ndarray, segments: Sequence[Segment], positions: np.ndarray) -> np.ndarray:
+    def _causal_mask(self, seg: Segment) -> np.ndarray | None:
+        """Additive mask (q_per_kv * t, L) of a multi-token segment: query i (position p0 + i)
+        sees keys 0..p0 + i. None for a single token, which sees every key."""
+        t, p0 = len(seg.tokens), seg.cache.length
+        if t <= 1:
+            return None
+        qpos = np.tile(np.arange(p0, p0 + t), self.shard.q_per_kv)
+        return np.where(np.arange(p0 + t)[None, :] > qpos[:, None], np.float32(-np.inf), np.float32(0))
+
+    def _attention(self, li: int, lw, h: np.ndarray, segments: Sequence[Segment], positions: np.ndarray,
+                   masks: Sequence[np.ndarray | None]) -> np.ndarray:
         """Attention over this peer's heads: (n, dim) -> (n, my_heads * head_dim)."""
         sh, hd = self.shard, self.cfg.head_dim
         nh, nkv, qpk = sh.n_heads, sh.n_kv_heads, sh.q_per_kv
@@ -205,7 +213,7 @@ class Transformer:
             q = padded
         out = np.empty((n, nkv * qpk * hd), np.float32)
         start = 0
-        for seg in segments:
+        for seg, mask in zip(segments, masks):
             t = len(seg.tokens)
             p0 = seg.cache.length
             L = p0 + t
@@ -223,12 +231,8 @@ class Transformer:
             # (t, nh, hd) -> (nkv, qpk * t, hd): the query heads of a KV group share its keys.
             qs = q[start : start + t].reshape(t, nkv, qpk, hd).transpose(1, 2, 0, 3).reshape(nkv, qpk * t, hd)
             scores = np.matmul(qs, K[:, :L].transpose(0, 2, 1))  # (nkv, qpk*t, L)
-            if t > 1:  # causal mask: query i (position p0+i) sees keys 0..p0+i
-                if seg._mask is None or seg._mask[0] != p0:
-                    qpos = np.tile(np.arange(p0, L), qpk)
-                    mask = np.where(np.arange(L)[None, :] > qpos[:, None], np.float32(-np.inf), np.float32(0))
-                    seg._mask = (p0, mask)
-                scores += seg._mask[1]
+            if mask is not None:
+                scores += mask
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)

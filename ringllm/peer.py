@@ -114,13 +114,14 @@ class Peer:
     """
 
     def __init__(self, model: Transformer, info: ModelInfo, links: RingLinks, *, wire: str = "f32",
-                 max_batch: int = 16, max_queue: int = 64) -> None:
+                 max_batch: int = 16, max_queue: int = 64, spin: bool = False) -> None:
         self.model = model
         self.info = info
         self.links = links
         self.rank, self.size = links.rank, links.size
         self.wire = wire
-        self.coll = Collectives(links.rank, links.size, links, wire)
+        self.spin = spin  # see Collectives: only when this peer's waiting thread has a core to itself
+        self.coll = Collectives(links.rank, links.size, links, wire, spin=spin)
         model.allreduce = self.allreduce_sync  # the model's syncs go round this peer's ring
         model.allreduce_exact = self.allreduce_exact_sync
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -149,7 +150,7 @@ class Peer:
         self._bytes_before += sum(link.bytes_sent for link in self.links.links)
         self.stats.bytes_sent = self._bytes_before
         self.links = links
-        self.coll = Collectives(links.rank, links.size, links, self.wire)
+        self.coll = Collectives(links.rank, links.size, links, self.wire, spin=self.spin)
         if getattr(self._pool, "_shutdown", False):
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ringllm-compute-{self.rank}")
         self.ring_formations += 1

@@ -60,3 +60,16 @@ def test_init_writes_a_ring_that_parses(tmp_path):
     assert cfg.size == 3 and len({x.port for x in cfg.peers} | {x.http_port for x in cfg.peers}) == 6
     assert len(cfg.secret) == 48
     assert parse_ring(init_ring_toml(3)).secret != cfg.secret
+
+
+def test_peers_spin_only_when_their_host_has_a_core_for_each(monkeypatch):
+    from ringllm import launch
+
+    three_here = GOOD + '[[peer]]\nhost = "127.0.0.1"\nport = 7003\n'
+    two_hosts = GOOD.replace('host = "127.0.0.1"\nport = 7002', 'host = "10.0.0.2"\nport = 7002')
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert launch.may_spin(parse_ring(GOOD), 0)  # 2 peers, 2 cores
+    assert not launch.may_spin(parse_ring(three_here), 1)  # 3 peers share 2 cores
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0})
+    assert not launch.may_spin(parse_ring(GOOD), 0)
+    assert launch.may_spin(parse_ring(two_hosts), 0) and launch.may_spin(parse_ring(two_hosts), 1)

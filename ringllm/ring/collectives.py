@@ -31,14 +31,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ringllm.errors import LocalProtocolError, RemoteProtocolError, RingError
-from ringllm.ring.links import Link, Pump, RingLinks, TcpLink
-from ringllm.ring.wire import Frame
+from ringllm.ring.links import BlockingLink, Link, Pump, RingLinks, TcpLink
+from ringllm.ring.wire import Frame, encode_head
 
 __all__ = [
     "CHUNK_ELEMS",
@@ -77,6 +78,12 @@ MAX_BCAST_BYTES = 1 << 36  # refuse to allocate more for a broadcast a peer anno
 # guarantees delivery (the ring's reduce-scatter: our last frame in depends on the successor
 # having read all of ours).  Flushing is usually free: by then the peers have read our data.
 BORROW_MAX = 64 * 1024
+# How long a compute thread that drives the sockets itself (lent links) re-tries a read before
+# it sleeps in poll, when it may (``Collectives.spin``). Sleeping costs a thread wake-up on
+# the reply (~50 us on the bench VM, more after a long sleep) and leaves the core cold; at P=2
+# a decode all-reduce mostly waits 0.05-0.3 ms for the other peer. 2 ms covers those waits
+# and bounds what a long prefill on another peer costs in spinning.
+SPIN_SECONDS = 0.002
 
 
 # -- Q8_0 ---------------------------------------------------------------------------------
@@ -214,11 +221,13 @@ class Collectives:
     ``wire`` is ``"f32"`` (exact bytes) or ``"q8_0"`` (GGML Q8_0 for all-reduce payloads;
     all-gather and broadcast are always exact).  ``small_max_elems`` overrides the measured
     crossover (``0`` forces the ring algorithm, a huge value the exchange).  Calls must not
-    overlap: await one before starting the next.
+    overlap: await one before starting the next.  ``spin`` lets a thread driving lent links
+    busy-wait briefly for exchange frames (see SPIN_SECONDS).
     """
 
     def __init__(self, rank: int, size: int, links: RingLinks, wire: str = "f32", *,
-                 small_max_elems: int | None = None, chunk_elems: int = CHUNK_ELEMS) -> None:
+                 small_max_elems: int | None = None, chunk_elems: int = CHUNK_ELEMS,
+                 spin: bool = False) -> None:
         if (links.rank, links.size) != (rank, size):
             raise ValueError(f"links are for rank {links.rank}/{links.size}, not {rank}/{size}")
         if wire not in _CODECS:
@@ -229,6 +238,9 @@ class Collectives:
         self.small_max_elems = (SMALL_MAX_ELEMS.get(size, SMALL_MAX_DEFAULT)
                                 if small_max_elems is None else small_max_elems)
         self.chunk_elems = chunk_elems
+        # Busy-wait (up to SPIN_SECONDS) for exchange frames on lent links instead of sleeping:
+        # only right when this peer's waiting thread has a core of its own (see Peer).
+        self.spin = spin
         self.seq = 0
         self._encode, self._decode, self._nbytes = _CODECS[wire]
         self._broken: BaseException | None = None
@@ -365,6 +377,15 @@ class Collectives:
         wake-ups).  Exceptions propagate.
         """
         if self._lent is not None:
+            x = _contiguous(x, F32)
+            if (self.size > 1 and isinstance(self.links.next, BlockingLink)
+                    and x.size <= min(self.small_max_elems, BORROW_MAX // 4)):
+                # As allreduce() does it, without its coroutines (see _allreduce_exchange_lent).
+                if self.wire == "f32" or exact:
+                    return self._allreduce_exchange_lent(x.reshape(-1), *_CODECS["f32"]).reshape(x.shape)
+                flat = self._allreduce_exchange_lent(hadamard_rotate(x.reshape(-1)), self._encode,
+                                                     self._decode, self._nbytes)
+                return hadamard_rotate(flat)[: x.size].reshape(x.shape)
             return self._drive(self.allreduce(x, exact=exact))
         return self._from_thread(functools.partial(self.allreduce, exact=exact), x)
 
@@ -558,6 +579,65 @@ class Collectives:
         for v in vals[2:]:
             acc += v
         return acc.reshape(x.shape)
+
+    def _allreduce_exchange_lent(self, x: np.ndarray, encode: Callable[..., Any], decode: Callable[..., Any],
+                                 nbytes_of: Callable[[int], int]) -> np.ndarray:
+        """The exchange all-reduce on lent links, as plain blocking code: the decode hot path
+        (61 calls per SmolLM2 token). Same frames, order and sum as :meth:`_allreduce_exchange`
+        (keep the two in step); frames go out pre-encoded and come in by
+        ``BlockingLink.recv_expected`` when they are byte for byte what this peer would send
+        at that point, else through the general decoder and its field-by-field checks. The
+        coroutine path costs ~50 us more per call here in Python overhead alone.
+        """
+        if self._broken is not None or self._busy:
+            self._refuse()
+        self._busy = True
+        self.seq += 1
+        try:
+            nxt, prv = self.links.next, self.links.prev
+            r, p, seq, n = self.rank, self.size, self.seq, x.size
+            cw, ccw = p // 2, (p - 1) // 2
+            f32 = encode is _f32_encode
+            nbytes = nbytes_of(n)
+            payload = memoryview(x if f32 else encode(x)).cast("B")
+            vals: list[Any] = [None] * p
+            vals[r] = x if f32 else decode(payload, n)
+            heads = [encode_head("coll", {"s": seq, "i": i, "o": "ar", "n": n}, nbytes) for i in range(cw)]
+            spin_until = time.perf_counter() + SPIN_SECONDS if self.spin else 0.0
+
+            def recv(link: BlockingLink, i: int) -> Any:
+                got = link.recv_expected(heads[i], nbytes, spin_until)
+                if got is None:
+                    frame = link.recv_now()
+                    h = frame.header
+                    if (frame.kind != "coll" or h["s"] != seq or h["o"] != "ar" or h["i"] != i
+                            or h.get("n") != n or len(frame.payload) != nbytes):
+                        self._mismatch(link, frame, "ar", i, n, nbytes)
+                    got = frame.payload
+                return got
+
+            nxt.write_encoded(heads[0] + payload)
+            if ccw:
+                prv.write_encoded(heads[0] + payload)
+            for hop in range(1, cw + 1):
+                got = recv(prv, hop - 1)
+                vals[(r - hop) % p] = decode(got, n)
+                if hop < cw:
+                    nxt.write_encoded(heads[hop] + got)
+                if hop <= ccw:
+                    got = recv(nxt, hop - 1)
+                    vals[(r + hop) % p] = decode(got, n)
+                    if hop < ccw:
+                        prv.write_encoded(heads[hop] + got)
+            acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1
+            for v in vals[2:]:
+                acc += v
+            return acc
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._busy = False
 
     def _mismatch(self, link: Link, frame: Frame, op: str, i: int, n: int, nbytes: int) -> None:
         """Raise the precise RemoteProtocolError for a frame that is not the expected one."""

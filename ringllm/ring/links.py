@@ -67,6 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_RECV_TIMEOUT = 30.0
+# BlockingLink.recv_expected waits this long at most before leaving a frame to the general path.
+_EXPECT_WAIT = 0.05
 # Frames with a payload up to this size are written as one buffer (one syscall, one segment
 # with TCP_NODELAY); larger payloads are written separately to avoid copying them into a join.
 _JOIN_MAX = 64 * 1024
@@ -601,6 +603,8 @@ class BlockingLink:
         self.wlock = threading.Lock()
         self.tail = b""
         self._scratch = memoryview(bytearray(_LinkProtocol._SCRATCH))
+        self._readable = select.poll()  # this socket alone, for recv_expected
+        self._readable.register(self.fd, select.POLLIN)
         sock.setblocking(False)
         pump.add(self)
 
@@ -610,15 +614,19 @@ class BlockingLink:
         return self.error
 
     def write(self, kind: str, header: dict[str, Any] | None = None, payload: Any = None) -> None:
+        head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
+        self.write_encoded(*_write_chunks(head, view))
+
+    def write_encoded(self, *chunks: bytes | memoryview) -> None:
+        """Send one frame already encoded (by ``wire.encode_frame``), in one or more chunks."""
         if self.error is not None:
             raise self.error
-        head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
         with self.wlock:
             if self.tail:  # the rest of a ping the loop sent in part goes first
                 tail, self.tail = self.tail, b""
                 self._sendall(tail)
-            self.link.bytes_sent += len(head) + (view.nbytes if view is not None else 0)
-            for chunk in _write_chunks(head, view):
+            for chunk in chunks:
+                self.link.bytes_sent += len(chunk)
                 self._sendall(chunk)
         self.link.last_tx = time.monotonic()
 
@@ -668,6 +676,10 @@ class BlockingLink:
 
     async def recv(self, timeout: float | None = None) -> Frame:
         """Blocking in disguise: returns without ever suspending (see the class docstring)."""
+        return self.recv_now(timeout)
+
+    def recv_now(self, timeout: float | None = None) -> Frame:
+        """The next frame, blocking the thread (deadline ``timeout`` or the link's recv timeout)."""
         inbox = self.link._inbox
         if not inbox:
             if self.error is not None:
@@ -675,6 +687,56 @@ class BlockingLink:
             delay = self.recv_timeout if timeout is None else timeout
             self.pump.wait(self, write=False, deadline=time.monotonic() + delay)
         return inbox.popleft()
+
+    def recv_expected(self, head: bytes, nbytes: int, spin_until: float = 0.0) -> memoryview | None:
+        """The payload of the next frame if that frame is exactly ``head`` (its encoded prefix
+        and header) followed by ``nbytes`` of payload; None if it is anything else.
+
+        The all-reduce's fast path: both sides encode the same header identically, so the bytes
+        are read straight from the socket into a fresh buffer and compared with ``head``; no
+        decoder, no msgpack, no Frame (60 us -> 20 us per small all-reduce on the bench box).
+        Waits by re-trying the read until ``time.perf_counter()`` passes ``spin_until`` (a core
+        that would idle anyway answers without a thread wake-up), then in ``poll``. Returns
+        None, having given the bytes read so far to the decoder, when something else arrives
+        first (a ping, a frame out of step, garbage) or nothing has come within
+        ``_EXPECT_WAIT`` seconds: the caller then uses :meth:`recv`, which applies the usual
+        deadline and silence rules and checks the frame field by field.
+        """
+        link = self.link
+        if self.error is not None or link._inbox or not link._decoder.at_frame_start:
+            return None
+        hl, total = len(head), len(head) + nbytes
+        buf = memoryview(bytearray(total))
+        got, checked = 0, False
+        sock, readable = self.sock, self._readable
+        give_up = 0.0
+        while got < total:
+            try:
+                n = sock.recv_into(buf[got:])
+            except BlockingIOError:
+                now = time.perf_counter()
+                if now < spin_until:
+                    continue
+                give_up = give_up or now + _EXPECT_WAIT
+                if now < give_up and readable.poll((give_up - now) * 1000 + 1):
+                    continue
+                break
+            except OSError:
+                break  # read_some meets it again and reports it
+            if n == 0:
+                break
+            got += n
+            if not checked and got >= hl:
+                if buf[:hl] != head:
+                    break
+                checked = True
+        else:
+            link.last_rx = time.monotonic()
+            return buf[hl:]
+        if got:
+            link.last_rx = time.monotonic()
+            self._deliver(bytes(buf[:got]))
+        return None
 
     def read_some(self) -> None:
         """Read what the socket has into the decoder; route the frames (Pump only)."""
@@ -685,20 +747,30 @@ class BlockingLink:
         try:
             if tail is not None and len(tail) >= _LinkProtocol._DIRECT_MIN:
                 n = self.sock.recv_into(tail)
-                frames = decoder.payload_received(n) if n else []
+                if n:
+                    self._route(decoder.payload_received(n))
             else:
                 n = self.sock.recv_into(self._scratch)
-                frames = decoder.feed(bytes(self._scratch[:n])) if n else []
+                if n:
+                    self._deliver(bytes(self._scratch[:n]))
         except BlockingIOError:
             return
-        except RemoteProtocolError as exc:
-            self.error = RemoteProtocolError(f"from peer {self.peer}: {exc}")
-            raise self.error from None
         except OSError as exc:
             raise self.lost(f"connection error: {exc!r}") from None
         if n == 0:
             raise self.lost("connection closed by peer (EOF)")
         self.link.last_rx = time.monotonic()
+
+    def _deliver(self, data: bytes) -> None:
+        """Decode received bytes and route the frames they complete."""
+        try:
+            frames = self.link._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self.error = RemoteProtocolError(f"from peer {self.peer}: {exc}")
+            raise self.error from None
+        self._route(frames)
+
+    def _route(self, frames: list[Frame]) -> None:
         inbox = self.link._inbox
         for frame in frames:
             if frame.kind == "bye":

@@ -159,6 +159,14 @@ def encode_frame(
     return _pack_prefix(MAGIC, CODEC_VERSION, 0, hlen, n) + packed, (view if n else None)
 
 
+def encode_head(kind: str, header: Mapping[str, Any], nbytes: int) -> bytes:
+    """The prefix and header of a frame with an ``nbytes`` payload, unchecked: for hot paths
+    whose kind and header are known good and whose size is far below any frame limit (the
+    lent all-reduce). Same bytes as :func:`encode_frame`'s ``head``."""
+    packed = _pack({"k": kind, **header})
+    return _pack_prefix(MAGIC, CODEC_VERSION, 0, len(packed), nbytes) + packed
+
+
 def encode_frame_bytes(kind: str, header: Mapping[str, Any] | None = None, payload: Any = None,
                        **limits: int) -> bytes:
     """Like :func:`encode_frame` but returns one ``bytes`` object (copies the payload)."""
@@ -243,6 +251,11 @@ class FrameDecoder:
         if self.state is PAYLOAD_STATE:
             return self._plen - self._pfill
         return 0
+
+    @property
+    def at_frame_start(self) -> bool:
+        """True between frames: no byte of a next frame has been fed yet (and not broken)."""
+        return self.state is PREFIX_STATE and not self._buf
 
     def payload_buffer(self) -> memoryview | None:
         """The unfilled tail of the payload being received, or None outside a payload.

@@ -17,6 +17,18 @@ divided by tok/s at P=1 in the same round. Reported per P (medians over rounds):
 - ``bytes_per_token_per_peer``: frame bytes each peer wrote to its ring links per decode
   token (its own counter), next to ``formula_bytes_per_token`` (docs/performance.md derives it);
 - ``peak_rss_mb``: each peer's VmHWM.
+
+``--linkemu`` runs every peer in its own network namespace as built by
+``../shared/tools/linkemu/netem_ring.sh up P PROFILE`` (rank r in ``collring-ns<r>`` at
+10.77.0.<r+1>, links shaped to the profile's rate and one-way delay), so the ring pays what a
+LAN costs; run the benchmark itself inside ``collring-ns0``:
+
+    bash ../shared/tools/linkemu/netem_ring.sh up 2 1gbit-0.2ms
+    ip netns exec collring-ns0 python bench/ring.py --linkemu --peers 1 2
+    bash ../shared/tools/linkemu/netem_ring.sh down
+
+The emulated hosts still share this machine's cores (and, since each is alone on its
+"host", every peer busy-waits for its neighbours: keep P <= cores).
 """
 
 from __future__ import annotations
@@ -76,44 +88,58 @@ def formula_bytes(p: int, n_layers: int, dim: int, wire: str) -> float:
     return layers + embedding + small
 
 
-async def peer_stats(ports: list[int]) -> list[dict]:
+async def peer_stats(hosts: list[str], ports: list[int]) -> list[dict]:
     out = []
-    for port in ports:
-        async with connect(f"127.0.0.1:{port}") as client:
+    for host, port in zip(hosts, ports):
+        async with connect(f"{host}:{port}") as client:
             out.append((await client.health())["stats"])
     return out
 
 
-async def timed_request(port: int, prompt_ids: list[int], tokens: int) -> dict:
-    async with connect(f"127.0.0.1:{port}") as client:
+async def timed_request(port: int, prompt_ids: list[int], tokens: int, host: str = "127.0.0.1") -> dict:
+    async with connect(f"{host}:{port}") as client:
         return (await client.complete(prompt_ids=prompt_ids, temperature=0, max_tokens=tokens, ignore_eos=True)).__dict__
+
+
+def linkemu_host(rank: int) -> str:
+    """Rank's address in linkemu's namespaces (netem_ring.sh: collring-ns<r> at 10.77.0.<r+1>)."""
+    return f"10.77.0.{rank + 1}"
 
 
 class Ring:
     """One ring of p peer processes, started once and measured in several rounds."""
 
-    def __init__(self, p: int, model: str, threads: int, wire: str) -> None:
+    def __init__(self, p: int, model: str, threads: int, wire: str, linkemu: bool = False) -> None:
         self.p = p
         self.tmp = tempfile.TemporaryDirectory(prefix="ringllm-bench-")
         ring_path = Path(self.tmp.name) / "ring.toml"
-        ring_path.write_text(init_ring_toml(p, model=model, wire=wire))
+        text = init_ring_toml(p, model=model, wire=wire)
+        if linkemu:  # each peer at its namespace's address; HTTP on every address, for /health
+            for r in range(p):
+                text = text.replace('host = "127.0.0.1"', f'host = "{linkemu_host(r)}"', 1)
+            text += '\n[http]\nhost = "0.0.0.0"\n'
+        ring_path.write_text(text)
         cfg = load_ring(ring_path)
-        self.procs = [_spawn_peer(ring_path, r, threads, Path(self.tmp.name)) for r in range(p)]
+        logdir = Path(self.tmp.name)
+        self.procs = [_spawn_peer(ring_path, r, threads, logdir,
+                                  prefix=["ip", "netns", "exec", f"collring-ns{r}"] if linkemu and r else ())
+                      for r in range(p)]
+        self.hosts = [linkemu_host(r) if linkemu else "127.0.0.1" for r in range(p)]
         self.ports = [pc.http_port for pc in cfg.peers]
         self.cfg = cfg
 
     def wait(self) -> None:
-        _wait_healthy(self.cfg, self.procs, Path(self.tmp.name))
+        _wait_healthy(self.cfg, self.procs, Path(self.tmp.name), hosts=self.hosts)
 
     def measure(self, prompt_ids: list[int], tokens: int) -> dict:
         """One timed greedy request; decode-only figures from the difference of a long and a
         one-token request."""
         p = self.p
-        s0 = asyncio.run(peer_stats(self.ports))
-        asyncio.run(timed_request(self.ports[0], prompt_ids, 1))
-        s1 = asyncio.run(peer_stats(self.ports))
-        done = asyncio.run(timed_request(self.ports[0], prompt_ids, tokens))
-        s2 = asyncio.run(peer_stats(self.ports))
+        s0 = asyncio.run(peer_stats(self.hosts, self.ports))
+        asyncio.run(timed_request(self.ports[0], prompt_ids, 1, self.hosts[0]))
+        s1 = asyncio.run(peer_stats(self.hosts, self.ports))
+        done = asyncio.run(timed_request(self.ports[0], prompt_ids, tokens, self.hosts[0]))
+        s2 = asyncio.run(peer_stats(self.hosts, self.ports))
 
         def decode_delta(r: int, key: str) -> float:
             return (s2[r][key] - s1[r][key]) - (s1[r][key] - s0[r][key])
@@ -169,7 +195,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5, help="rounds over all P, back to back")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--linkemu", action="store_true",
+                    help="peers in linkemu's namespaces (run this inside collring-ns0; see above)")
     args = ap.parse_args()
+    if args.linkemu and linkemu_host(0) not in Path("/proc/net/fib_trie").read_text():
+        sys.exit(f"--linkemu: {linkemu_host(0)} is not an address here; run inside collring-ns0 "
+                 "after netem_ring.sh up (see this script's docstring)")
     from ringllm import runtime
 
     model = str(resolve_model(args.model))
@@ -178,11 +209,11 @@ def main() -> None:
     c = info.config
     prompt_ids = info.tokenizer.encode(TEXT * 8, parse_special=False)[:64]
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
-    rings = {p: Ring(p, model, args.threads, args.wire) for p in args.peers}
+    rings = {p: Ring(p, model, args.threads, args.wire, args.linkemu) for p in args.peers}
     try:
         for ring in rings.values():
             ring.wait()
-            asyncio.run(timed_request(ring.ports[0], prompt_ids, 8))  # warm-up
+            asyncio.run(timed_request(ring.ports[0], prompt_ids, 8, ring.hosts[0]))  # warm-up
         runs: dict[int, list[dict]] = {p: [] for p in args.peers}
         for _ in range(args.rounds):  # every round measures every P back to back
             for p, ring in rings.items():

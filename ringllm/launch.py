@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 import tempfile
 import time
 from pathlib import Path
@@ -233,14 +234,18 @@ def run_local_ring(args: argparse.Namespace) -> int:
             _stop(procs)
 
 
-def _spawn_peer(ring_path: Path, rank: int, threads: int, logdir: Path) -> subprocess.Popen:
+def _spawn_peer(ring_path: Path, rank: int, threads: int, logdir: Path,
+                prefix: Sequence[str] = ()) -> subprocess.Popen:
+    """Start ``ringllm peer`` for rank as a child process (``prefix``: a command to run it
+    under, e.g. ``ip netns exec NS``), its output in ``logdir/peer<rank>.log``."""
     logf = open(logdir / f"peer{rank}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "ringllm", "peer", "--ring", str(ring_path), "--rank", str(rank),
-                             "--threads", str(threads)], stdout=logf, stderr=subprocess.STDOUT,
+    return subprocess.Popen([*prefix, sys.executable, "-m", "ringllm", "peer", "--ring", str(ring_path),
+                             "--rank", str(rank), "--threads", str(threads)], stdout=logf, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, timeout: float = 300.0) -> None:
+def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, timeout: float = 300.0,
+                  hosts: Sequence[str] | None = None) -> None:
     import urllib.request
 
     scheme, ctx = "http", None
@@ -256,7 +261,7 @@ def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, 
                 tail = (logdir / f"peer{r}.log").read_text(errors="replace").strip().splitlines()[-5:]
                 raise RingError(f"peer {r} exited with status {procs[r].returncode}: " + " | ".join(tail))
             try:
-                url = f"{scheme}://127.0.0.1:{cfg.peers[r].http_port}/health"
+                url = f"{scheme}://{hosts[r] if hosts else '127.0.0.1'}:{cfg.peers[r].http_port}/health"
                 with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
                     if json.load(resp).get("status") == "ok":
                         pending.discard(r)

@@ -1,10 +1,11 @@
 """Single-peer speed and memory: one JSON line per result.
 
-    python bench/decode.py [--model smollm2-135m] [--threads 1 2] [--repeats 3]
+    python bench/decode.py [--model smollm2-135m] [--threads 1 2] [--repeats 3] [--long-prompt 512]
 
 Each thread count runs in its own subprocess (so peak RSS is its own), side by side in one
-run. Per run: prefill tokens/s for a 128-token prompt, decode tokens/s for 128 greedy tokens
-after a 64-token prompt (best of --repeats); RSS once the model is loaded (before any request)
+run. Per run: prefill tokens/s for a 128-token prompt and for a --long-prompt one (0: skip),
+decode tokens/s for 128 greedy tokens after a 64-token prompt (best of --repeats; the two
+prefills interleaved); RSS once the model is loaded (before any request)
 and its peak so far (the load), the peak over the whole run (KV caches and work buffers
 included), each also above a bare ``python -c "import numpy"`` measured the same way.
 """
@@ -36,7 +37,7 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(model_spec: str, threads: int, repeats: int) -> dict:
+def worker(model_spec: str, threads: int, repeats: int, long_prompt: int) -> dict:
     import numpy as np
 
     from ringllm import runtime
@@ -47,15 +48,16 @@ def worker(model_spec: str, threads: int, repeats: int) -> dict:
     model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
     mf.close()
     loaded_rss, load_peak = current_rss_mb(), peak_rss_mb()  # the model loaded, no request yet
-    ids = info.tokenizer.encode(TEXT * 8, parse_special=False)
-    p128, p64 = np.array(ids[:128]), np.array(ids[:64])
+    ids = info.tokenizer.encode(TEXT * (8 + long_prompt // 32), parse_special=False)
+    p128, p64, plong = np.array(ids[:128]), np.array(ids[:64]), np.array(ids[:long_prompt])
     model.forward([Segment(model.new_cache(), p64[:8])])  # warm-up: buffers, pools
 
-    prefill = []
+    prefill, prefill_long = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        model.forward([Segment(model.new_cache(), p128)])
-        prefill.append(time.perf_counter() - t)
+        for prompt, times in ((p128, prefill), (plong, prefill_long)) if long_prompt else ((p128, prefill),):
+            t = time.perf_counter()
+            model.forward([Segment(model.new_cache(), prompt)])
+            times.append(time.perf_counter() - t)
 
     decode = []
     for _ in range(repeats):
@@ -73,6 +75,8 @@ def worker(model_spec: str, threads: int, repeats: int) -> dict:
         "decode_tok_s": round(128 / min(decode), 2),
         "prefill_tok_s": round(128 / min(prefill), 1),
         "prefill_tokens": 128,
+        **({"prefill_long_tok_s": round(long_prompt / min(prefill_long), 1), "prefill_long_tokens": long_prompt}
+           if long_prompt else {}),
         "decode_tokens": 128,
         "decode_prompt_tokens": 64,
         "loaded_rss_mb": round(loaded_rss, 1),
@@ -93,10 +97,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long-prompt", type=int, default=512, help="tokens of the long prefill (0: skip it)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.model, args.worker, args.repeats)))
+        print(json.dumps(worker(args.model, args.worker, args.repeats, args.long_prompt)))
         return
     from ringllm.fetch import resolve_model
 
@@ -104,7 +109,8 @@ def main() -> None:
     base = baseline_rss()
     for n in args.threads:
         out = subprocess.check_output([sys.executable, __file__, "--model", args.model, "--repeats",
-                                       str(args.repeats), "--worker", str(n)])
+                                       str(args.repeats), "--long-prompt", str(args.long_prompt),
+                                       "--worker", str(n)])
         row = json.loads(out.decode().strip().splitlines()[-1])
         row["numpy_baseline_rss_mb"] = round(base, 1)
         row["loaded_rss_above_numpy_mb"] = round(row["loaded_rss_mb"] - base, 1)

@@ -122,8 +122,9 @@ class Peer:
         self.wire = wire
         self.spin = spin  # see Collectives: only when this peer's waiting thread has a core to itself
         self.coll = Collectives(links.rank, links.size, links, wire, spin=spin)
-        model.allreduce = self.allreduce_sync  # the model's syncs go round this peer's ring
-        model.allreduce_exact = self.allreduce_exact_sync
+        if self.size > 1:  # the model's syncs go round this peer's ring (alone: the identity)
+            model.allreduce = self.allreduce_sync
+            model.allreduce_exact = self.allreduce_exact_sync
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stats = PeerStats()
         self._counter = itertools.count()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ringllm import model as model_mod
 from ringllm.generation import LocalEngine, Request, collect
 from ringllm.model import Segment
 from ringllm.sampling import SamplingParams
@@ -91,3 +92,120 @@ def test_same_seed_same_text(smollm2, fixture_data):
             for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+@pytest.fixture
+def two_kernel_threads():
+    """Two kernel threads for one test (the session's models were loaded with one: their
+    tiling stays, which only changes how kernel work is shared, never the result)."""
+    from ringllm import runtime
+
+    runtime.set_threads(2)
+    yield
+    runtime.set_threads(1)
+
+
+_LONG_TEXT = ("A ring network passes a small frame from station to station; each one reads it, adds its "
+              "share and sends it on, so after one turn every station has seen the sum of all of them. ") * 6
+
+
+def _mixed_batch(model, info):
+    """A 100-token prompt, a decode token of a sequence 12 tokens in, and a 40-token prompt:
+    one forward of 141 rows, fresh caches each time it is called."""
+    pool = info.tokenizer.encode(_LONG_TEXT, parse_special=False)
+    assert len(pool) >= 152
+    a, b, c = np.array(pool[:100]), np.array(pool[100:112]), np.array(pool[112:152])
+    seg_b = Segment(model.new_cache(), b[:-1])
+    model.forward([seg_b])
+    return [Segment(model.new_cache(), a), Segment(seg_b.cache, b[-1:]), Segment(model.new_cache(), c)]
+
+
+def test_pipelined_prefill_equals_one_thread(smollm2, fixture_data, two_kernel_threads, monkeypatch):
+    """With two kernel threads a long forward runs as two pipelined token blocks (here the
+    cut falls inside the first prompt). Logits and caches agree with one thread within the
+    1e-3 of batch vs token by token (the sums run in another order: a block's softmax rows
+    are shorter, BLAS sees other row counts), and the next greedy tokens are the same."""
+    from ringllm.ops import quant
+
+    info, model = smollm2
+    calls = []
+    real = quant.run_together
+    monkeypatch.setattr(quant, "run_together", lambda tasks: (calls.append(len(tasks)), real(tasks))[1])
+
+    piped_segs = _mixed_batch(model, info)
+    piped = model.forward(piped_segs)
+    assert calls == [2]  # the pipeline ran: two blocks on two threads
+    monkeypatch.setattr(model_mod, "PIPELINE_MIN_ROWS", 10**6)
+    plain_segs = _mixed_batch(model, info)
+    plain = model.forward(plain_segs)
+    assert calls == [2]  # and this time it did not
+
+    np.testing.assert_allclose(piped, plain, rtol=0, atol=1e-3)
+    assert list(piped.argmax(axis=1)) == list(plain.argmax(axis=1))
+    for p, q in zip(piped_segs, plain_segs):
+        assert p.cache.length == q.cache.length
+        for li in range(model.cfg.n_layers):
+            L = p.cache.length
+            np.testing.assert_allclose(p.cache.k[li][:, :L], q.cache.k[li][:, :L], rtol=0, atol=1e-3)
+            np.testing.assert_allclose(p.cache.v[li][:, :L], q.cache.v[li][:, :L], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("failing_block", [0, 1])
+def test_pipelined_prefill_failure_ends_both_blocks(smollm2, fixture_data, two_kernel_threads, monkeypatch,
+                                                    failing_block):
+    """A block that fails mid-way must not leave the other waiting for its keys: forward
+    raises the failure (within seconds, not never)."""
+    import threading
+
+    from ringllm.model import Transformer
+
+    info, model = smollm2
+    segs = _mixed_batch(model, info)
+    real = Transformer._attention
+
+    def attention(self, li, *args):
+        on_worker = threading.current_thread().name.startswith("ringllm-kernel")  # block 1's thread
+        if li == 3 and on_worker == (failing_block == 1):
+            raise MemoryError("injected failure in a pipelined block")
+        return real(self, li, *args)
+
+    monkeypatch.setattr(Transformer, "_attention", attention)
+    result: list[BaseException | None] = []
+
+    def run():
+        try:
+            model.forward(segs)
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "forward hung after a pipelined block failed"
+    assert isinstance(result[0], MemoryError) and "injected" in str(result[0])
+
+
+def test_pipeline_blocks_only_alone_with_threads_and_enough_tokens(tiny_model_path, two_kernel_threads):
+    """The cut: rows in order, one block per thread, a sequence split where a cut falls,
+    later rows (more keys) in smaller blocks; never in a ring (the all-reduces of two
+    blocks would interleave differently on each peer), never for a short batch."""
+    from ringllm import runtime
+    from ringllm.model import _Part
+
+    info, mf = runtime.open_model(str(tiny_model_path))
+    model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
+    mf.close()
+    a, b = model.new_cache(), model.new_cache()
+    parts = [_Part(a, 0, 90), _Part(b, 5, 1), _Part(model.new_cache(), 0, 37)]  # 128 rows
+    blocks = model._pipeline_blocks(parts)
+    assert len(blocks) == 2
+    flat = [(p.cache, p.start + i) for block in blocks for p in block for i in range(p.count)]
+    assert flat == [(p.cache, p.start + i) for p in parts for i in range(p.count)]
+    rows = [sum(p.count for p in block) for block in blocks]
+    assert rows[0] > rows[1] and rows[1] >= 1
+
+    short = [_Part(a, 0, 2 * model_mod.PIPELINE_MIN_ROWS - 1)]
+    assert model._pipeline_blocks(short) == [short]
+    model.allreduce = lambda x: x  # a ring's all-reduce, however trivial
+    assert model._pipeline_blocks(parts) == [parts]

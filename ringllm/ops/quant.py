@@ -58,7 +58,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -280,7 +280,7 @@ def _run_chunks(chunks: list[tuple[int, int]], work: Callable[[int, int], None])
     whoever computes them.
     """
     pool = _pool
-    if pool is None or len(chunks) <= 1:
+    if pool is None or len(chunks) <= 1 or getattr(_local, "alone", False):
         for lo, hi in chunks:
             work(lo, hi)
         return
@@ -297,6 +297,38 @@ def _run_chunks(chunks: list[tuple[int, int]], work: Callable[[int, int], None])
         for f in futs:
             if not f.cancel():
                 f.result()
+
+
+def threads() -> int:
+    """The kernel thread count set by :func:`set_threads`."""
+    return _nthreads
+
+
+def run_together(tasks: Sequence[Callable[[], None]]) -> None:
+    """Run up to ``threads()`` tasks at once: the first on the caller, the others on pool
+    workers. Each task's kernels stay on its own thread (every thread already has work, and
+    sharing chunks between busy threads only adds hand-offs). Returns when every task has
+    ended; then re-raises the first failure, if any. A task waiting on another must not
+    wait forever if that one fails: the tasks see to that themselves.
+    """
+    if len(tasks) > _nthreads:
+        raise ValueError(f"{len(tasks)} tasks for {_nthreads} kernel threads")
+
+    def alone(task: Callable[[], None]) -> None:
+        _local.alone = True
+        try:
+            task()
+        finally:
+            _local.alone = False
+
+    futs = [_pool.submit(alone, t) for t in tasks[1:]] if len(tasks) > 1 else []
+    try:
+        alone(tasks[0])
+    finally:
+        errors = [f.exception() for f in futs]  # waits for each
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def _scratch(name: str, n: int, dtype=_F32) -> np.ndarray:

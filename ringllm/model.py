@@ -254,10 +254,11 @@ class Transformer:
         # Work of a row, in matrix weights: one layer's weights, plus its attention over its
         # keys at ATTENTION_WEIGHTS_PER_KEY per key and query-head width.
         c = self.cfg
-        row = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.ffn_dim
+        layer_weights = (c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+                         + 3 * c.dim * c.ffn_dim)
         per_key = ATTENTION_WEIGHTS_PER_KEY * c.n_heads * c.head_dim
         keys = np.concatenate([np.arange(p.start + 1, p.start + p.count + 1) for p in parts])
-        work = np.cumsum(row + per_key * keys)
+        work = np.cumsum(layer_weights + per_key * keys)
         cuts = [int(np.searchsorted(work, work[-1] * j / k)) for j in range(1, k)]
         blocks, row, pi, taken = [], 0, 0, 0
         for end in cuts + [n]:

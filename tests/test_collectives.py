@@ -85,6 +85,21 @@ def test_q8_0_matches_gguf_reference():
     assert dequantize_q8_0(ours, x.size).tobytes() == deq.astype(np.float32).tobytes()
 
 
+def test_q8_0_blocks_too_small_for_a_float16_scale_encode_as_zeros():
+    """Values so small that the block's scale is 0 in float16 decode to 0 (as gguf's would);
+    their codes are zeros, not what inf/NaN cast to, with no overflow or invalid operation
+    on the way (underflow, of subnormal inputs, is what they are)."""
+    x = np.zeros(96, np.float32)
+    x[:32] = np.float32(1e-39) * np.arange(1, 33)  # subnormal: 1/d overflows float32
+    x[32:64] = np.float32(3e-6)  # d = 2.4e-8: below float16's smallest subnormal, rounds to 0
+    x[64:] = np.linspace(-1, 1, 32, dtype=np.float32)  # an ordinary block beside them
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        q = quantize_q8_0(x)
+    assert not q[:2].any()
+    np.testing.assert_array_equal(dequantize_q8_0(q, 96)[:64], 0)
+    np.testing.assert_allclose(dequantize_q8_0(q, 96)[64:], x[64:], atol=1 / 127)
+
+
 @given(x=hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-100, 100, width=32)),
        outlier=st.floats(200, 5000))
 def test_q8_0_residual_pass_divides_the_error(x, outlier):

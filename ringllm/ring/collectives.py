@@ -134,8 +134,12 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     v = np.abs(blocks)
     d = v.max(axis=1, keepdims=True)
     d /= F32.type(127)
+    d16 = d.astype("<f2")
+    # A scale that is 0 in float16 (d < 2**-25) decodes its block to zeros whatever the codes,
+    # so its codes are written as zeros: 1/d would overflow there (and gguf-py's codes for such
+    # a block are whatever NaN and inf cast to). Every other block is exactly gguf-py's.
     inv = np.zeros_like(d)
-    np.divide(F32.type(1), d, out=inv, where=d != 0)
+    np.divide(F32.type(1), d, out=inv, where=d16 != 0)
     np.multiply(blocks, inv, out=v)
     # roundf (half away from zero) exactly as gguf-py's np_roundf: floor(a) + floor(2*frac(a)).
     # (trunc(v + 0.5) is not exact: 0.49999997 + 0.5 rounds up to 1.0 in float32.)
@@ -146,7 +150,7 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     np.floor(a, out=a)
     a += fl
     np.copysign(a, v, out=a)
-    out[:, :2] = d.astype("<f2").view(np.uint8)
+    out[:, :2] = d16.view(np.uint8)
     out[:, 2:] = a.astype(np.int8).view(np.uint8)
     return out
 

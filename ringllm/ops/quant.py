@@ -315,11 +315,12 @@ def run_together(tasks: Sequence[Callable[[], None]]) -> None:
         raise ValueError(f"{len(tasks)} tasks for {_nthreads} kernel threads")
 
     def alone(task: Callable[[], None]) -> None:
+        before = getattr(_local, "alone", False)
         _local.alone = True
         try:
             task()
         finally:
-            _local.alone = False
+            _local.alone = before
 
     futs = [_pool.submit(alone, t) for t in tasks[1:]] if len(tasks) > 1 else []
     try:

@@ -135,7 +135,7 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     d = v.max(axis=1, keepdims=True)
     d /= F32.type(127)
     d16 = d.astype("<f2")
-    # A scale that is 0 in float16 (d < 2**-25) decodes its block to zeros whatever the codes,
+    # A scale that is 0 in float16 (d <= 2**-25) decodes its block to zeros whatever the codes,
     # so its codes are written as zeros: 1/d would overflow there (and gguf-py's codes for such
     # a block are whatever NaN and inf cast to). Every other block is exactly gguf-py's.
     inv = np.zeros_like(d)

@@ -197,6 +197,7 @@ class Transformer:
         several kernel threads, a long batch runs as pipelined blocks (_pipeline_blocks):
         its logits may then differ from one thread's in the last bits.
         """
+        self.w.kernels.bind()
         for seg in segments:
             seg.cache.reserve(seg.cache.length + len(seg.tokens))
         ids = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])

@@ -15,7 +15,8 @@ from ringllm.fetch import resolve_model
 from ringllm.memory import release_free_memory
 from ringllm.model import AllReduce, Transformer, identity_allreduce
 from ringllm.model_file import ModelConfig, ModelFile
-from ringllm.ops import quant
+from ringllm.ops import kernels as kernel_choice
+from ringllm.ops.kernels import Kernels
 from ringllm.shard.loader import ffn_block_size, load_shard
 from ringllm.shard.plan import ShardPlan, plan_shards
 from ringllm.tokenizer import Tokenizer
@@ -56,19 +57,23 @@ def make_plan(info: ModelInfo, weights: Sequence[float]) -> ShardPlan:
 
 
 def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce = identity_allreduce,
-               max_len: int | None = None) -> Transformer:
-    """Load rank's shard out of the open file. The caller should close ``mf`` afterwards."""
-    model = Transformer(load_shard(mf, plan[rank]), allreduce, max_len=max_len)
+               max_len: int | None = None, kernels: Kernels | None = None) -> Transformer:
+    """Load rank's shard out of the open file, for ``kernels`` (default: the ones the last
+    :func:`set_threads` chose). The caller should close ``mf`` afterwards."""
+    model = Transformer(load_shard(mf, plan[rank], kernels or _kernels), allreduce, max_len=max_len)
     release_free_memory()
     return model
 
 
-def set_threads(n: int) -> None:
-    """Use n compute threads for the kernels; BLAS itself stays single-threaded (we split rows)."""
-    from threadpoolctl import threadpool_limits
+_kernels: Kernels | None = None
 
-    threadpool_limits(1)
-    quant.set_threads(n)
+
+def set_threads(n: int, kernels: str = "auto", say: Progress | None = None) -> Kernels:
+    """Choose the kernel family (``auto``: numba where it imports) and use n compute threads;
+    BLAS itself stays single-threaded (we split rows). Models loaded afterwards use them."""
+    global _kernels
+    _kernels = kernel_choice.choose(kernels, n, say)
+    return _kernels
 
 
 def prompt_ids(info: ModelInfo, prompt: str | None = None, *, raw: bool = False, system: str | None = None,

@@ -94,25 +94,30 @@ _FLOATS = (QT.F32, QT.F16, QT.BF16)
 
 # ----------------------------------------------------------------------------- decoding
 #
-# ``_pair(fmt, qs, qh, r, g, j)`` gives the codes of values j and j + gs/2 of group g of
-# row r as float32 (int32 on the way: an int64 -> float conversion has no AVX2 vector form).
+# ``_pair(fmt, qs, qh, r, g, j)`` gives the codes of values j and j + gs/2 of group g of row r
+# as float32: ``lo`` as it is and ``hi`` times ``_HI[fmt]`` (16 for the nibble formats: the
+# high nibble is read as ``b & 0xF0`` and x is scaled by 1/16 instead, exactly). Everything
+# stays in 32-bit lanes: numba types a shift of int32 as int64, and the 64-bit lanes LLVM then
+# used ran 2x slower (measured); bits of ``qh`` are tested against constant masks instead.
 
 _I = np.int32
+_BITS = np.array([np.int32(np.uint32(1 << k).view(np.int32)) for k in range(32)], np.int32)
+_HI = np.array([16.0, 16.0, 1.0, 16.0], np.float32)  # by format: NIB4, NIB5, BYTE, Q6
 
 
 @njit(inline="always", **_JIT)
 def _pair_nib4(qs, qh, r, g, j):
     b = _I(qs[r, g * 16 + j])
-    return _F32(b & _I(15)), _F32(b >> _I(4))
+    return _F32(b & _I(15)), _F32(b & _I(240))
 
 
 @njit(inline="always", **_JIT)
 def _pair_nib5(qs, qh, r, g, j):
     b = _I(qs[r, g * 16 + j])
-    h = qh[r, g]
-    lo = (b & _I(15)) | (_I((h >> np.uint32(j)) & np.uint32(1)) << _I(4))
-    hi = (b >> _I(4)) | (_I((h >> np.uint32(j + 16)) & np.uint32(1)) << _I(4))
-    return _F32(lo), _F32(hi)
+    h = _I(qh[r, g])
+    lo = _F32(b & _I(15)) + (_F32(16) if h & _BITS[j] else _F32(0))
+    hi = _F32(b & _I(240)) + (_F32(256) if h & _BITS[j + 16] else _F32(0))
+    return lo, hi
 
 
 @njit(inline="always", **_JIT)
@@ -123,17 +128,21 @@ def _pair_byte(qs, qh, r, g, j):
 @njit(inline="always", **_JIT)
 def _pair_q6(qs, qh, r, g, j):
     b = _I(qs[r, g * 8 + j])
-    h = qh[r, g]
-    lo = (b & _I(15)) | (_I((h >> np.uint32(2 * j)) & np.uint32(3)) << _I(4))
-    hi = (b >> _I(4)) | (_I((h >> np.uint32(2 * j + 16)) & np.uint32(3)) << _I(4))
-    return _F32(lo), _F32(hi)
+    h = _I(qh[r, g])
+    lo = (_F32(b & _I(15)) + (_F32(16) if h & _BITS[2 * j] else _F32(0))
+          + (_F32(32) if h & _BITS[2 * j + 1] else _F32(0)))
+    hi = (_F32(b & _I(240)) + (_F32(256) if h & _BITS[2 * j + 16] else _F32(0))
+          + (_F32(512) if h & _BITS[2 * j + 17] else _F32(0)))
+    return lo, hi
 
 
 @njit(inline="always", **_JIT)
 def _pair(fmt, qs, qh, r, g, j):
     """The format is a plain argument, not a function passed in: numba cannot cache kernels
     that take functions, and typing one on every call cost more than the kernel (measured).
-    The branch is loop-invariant; LLVM hoists it (the same speed as a kernel per format)."""
+    Call it only with a literal ``fmt`` (see _quad's callers): with a runtime one, LLVM
+    if-converts the four decoders into one loop that computes all of them (measured 2-3x
+    slower)."""
     if fmt == NIB4:
         return _pair_nib4(qs, qh, r, g, j)
     if fmt == NIB5:
@@ -151,43 +160,58 @@ def _pair(fmt, qs, qh, r, g, j):
 
 
 @njit(inline="always", **_JIT)
-def _scale(acc, d, m, has_m, off, r, g, s, xg):
-    if has_m:
-        return acc + d[r, g] * s + m[r, g] * xg
-    return acc + d[r, g] * (s - off * xg)
+def _quad(fmt, half, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc):
+    """sum_g scale(sum_j c[row, g, j] x[g, j]) for four rows at once. Inlined where ``half``
+    is a literal, so the inner loop's trip count is a constant (a runtime ``half`` measured
+    2x slower: LLVM then vectorizes it for any length)."""
+    a0 = a1 = a2 = a3 = _F32(0)
+    inv_hi = _F32(1) / _HI[fmt]  # a power of two: x * inv_hi is exact
+    for g in range(d.shape[1]):
+        s0 = s1 = s2 = s3 = _F32(0)
+        x0 = g * 2 * half
+        for j in range(half):
+            xl, xh = x[x0 + j], x[x0 + half + j] * inv_hi
+            lo, hi = _pair(fmt, qs, qh, r, g, j)
+            s0 += lo * xl + hi * xh
+            lo, hi = _pair(fmt, qs, qh, ra, g, j)
+            s1 += lo * xl + hi * xh
+            lo, hi = _pair(fmt, qs, qh, rb, g, j)
+            s2 += lo * xl + hi * xh
+            lo, hi = _pair(fmt, qs, qh, rc, g, j)
+            s3 += lo * xl + hi * xh
+        xg = xs[g]
+        if has_m:
+            a0 += d[r, g] * s0 + m[r, g] * xg
+            a1 += d[ra, g] * s1 + m[ra, g] * xg
+            a2 += d[rb, g] * s2 + m[rb, g] * xg
+            a3 += d[rc, g] * s3 + m[rc, g] * xg
+        else:
+            a0 += d[r, g] * (s0 - off * xg)
+            a1 += d[ra, g] * (s1 - off * xg)
+            a2 += d[rb, g] * (s2 - off * xg)
+            a3 += d[rc, g] * (s3 - off * xg)
+    return a0, a1, a2, a3
 
 
 @njit(**_JITP)
-def _gemv(fmt, half, qs, qh, d, m, off, x, xs, out):
-    """One row of x: y[r] = sum_g scale(d, m, sum_j c[r, g, j] x[g, j])."""
-    rows, G = d.shape
+def _gemv(fmt, qs, qh, d, m, off, x, xs, out):
+    """One row of x: y[r] = sum_g scale(sum_j c[r, g, j] x[g, j]), four rows at a time."""
+    rows = d.shape[0]
     has_m = m.shape[0] == rows
-    gs = 2 * half
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         r0 = blk * ROW_BLOCK
         r1 = min(rows, r0 + ROW_BLOCK)
         r = r0
-        while r < r1:  # rows r..r+3, the last ones repeated where fewer remain (not stored)
+        while r < r1:  # rows r..r+3, the last one repeated where fewer remain (not stored)
             ra, rb, rc = min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1)
-            a0 = a1 = a2 = a3 = _F32(0)
-            for g in range(G):
-                s0 = s1 = s2 = s3 = _F32(0)
-                x0 = g * gs
-                for j in range(half):
-                    xl, xh = x[x0 + j], x[x0 + half + j]
-                    lo, hi = _pair(fmt, qs, qh, r, g, j)
-                    s0 += lo * xl + hi * xh
-                    lo, hi = _pair(fmt, qs, qh, ra, g, j)
-                    s1 += lo * xl + hi * xh
-                    lo, hi = _pair(fmt, qs, qh, rb, g, j)
-                    s2 += lo * xl + hi * xh
-                    lo, hi = _pair(fmt, qs, qh, rc, g, j)
-                    s3 += lo * xl + hi * xh
-                xg = xs[g]
-                a0 = _scale(a0, d, m, has_m, off, r, g, s0, xg)
-                a1 = _scale(a1, d, m, has_m, off, ra, g, s1, xg)
-                a2 = _scale(a2, d, m, has_m, off, rb, g, s2, xg)
-                a3 = _scale(a3, d, m, has_m, off, rc, g, s3, xg)
+            if fmt == NIB4:
+                a0, a1, a2, a3 = _quad(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            elif fmt == NIB5:
+                a0, a1, a2, a3 = _quad(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            elif fmt == BYTE:
+                a0, a1, a2, a3 = _quad(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            else:
+                a0, a1, a2, a3 = _quad(Q6, 8, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
             out[r] = a0
             if r + 1 < r1:
                 out[r + 1] = a1
@@ -198,13 +222,44 @@ def _gemv(fmt, half, qs, qh, d, m, off, x, xs, out):
             r += 4
 
 
+@njit(inline="always", **_JIT)
+def _group4(fmt, half, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc):
+    """Group g of rows rr (four): decode its codes once into w, then add their scaled dots
+    with every row of x into acc (4, n). ``half`` is a literal where inlined (see _quad)."""
+    inv_hi = _F32(1) / _HI[fmt]
+    for k in range(4):
+        for j in range(half):
+            lo, hi = _pair(fmt, qs, qh, rr[k], g, j)
+            w[k, j] = lo
+            w[k, half + j] = hi * inv_hi
+    x0 = g * 2 * half
+    for i in range(x.shape[0]):
+        s0 = s1 = s2 = s3 = _F32(0)
+        for j in range(2 * half):
+            xv = x[i, x0 + j]
+            s0 += w[0, j] * xv
+            s1 += w[1, j] * xv
+            s2 += w[2, j] * xv
+            s3 += w[3, j] * xv
+        xg = xs[i, g]
+        if has_m:
+            acc[0, i] += d[rr[0], g] * s0 + m[rr[0], g] * xg
+            acc[1, i] += d[rr[1], g] * s1 + m[rr[1], g] * xg
+            acc[2, i] += d[rr[2], g] * s2 + m[rr[2], g] * xg
+            acc[3, i] += d[rr[3], g] * s3 + m[rr[3], g] * xg
+        else:
+            acc[0, i] += d[rr[0], g] * (s0 - off * xg)
+            acc[1, i] += d[rr[1], g] * (s1 - off * xg)
+            acc[2, i] += d[rr[2], g] * (s2 - off * xg)
+            acc[3, i] += d[rr[3], g] * (s3 - off * xg)
+
+
 @njit(**_JITP)
-def _gemm_small(fmt, half, qs, qh, d, m, off, x, xs, out):
+def _gemm_small(fmt, qs, qh, d, m, off, x, xs, out):
     """A few rows of x: each group of codes is decoded once and used for every row of x."""
     rows, G = d.shape
     n = x.shape[0]
     has_m = m.shape[0] == rows
-    gs = 2 * half
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         w = np.empty((4, 32), _F32)
         acc = np.empty((4, n), _F32)
@@ -215,50 +270,51 @@ def _gemm_small(fmt, half, qs, qh, d, m, off, x, xs, out):
             rr = (r, min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1))
             acc[:] = 0
             for g in range(G):
-                for k in range(4):
-                    for j in range(half):
-                        lo, hi = _pair(fmt, qs, qh, rr[k], g, j)
-                        w[k, j] = lo
-                        w[k, half + j] = hi
-                x0 = g * gs
-                for i in range(n):
-                    s0 = s1 = s2 = s3 = _F32(0)
-                    for j in range(gs):
-                        xv = x[i, x0 + j]
-                        s0 += w[0, j] * xv
-                        s1 += w[1, j] * xv
-                        s2 += w[2, j] * xv
-                        s3 += w[3, j] * xv
-                    xg = xs[i, g]
-                    acc[0, i] = _scale(acc[0, i], d, m, has_m, off, rr[0], g, s0, xg)
-                    acc[1, i] = _scale(acc[1, i], d, m, has_m, off, rr[1], g, s1, xg)
-                    acc[2, i] = _scale(acc[2, i], d, m, has_m, off, rr[2], g, s2, xg)
-                    acc[3, i] = _scale(acc[3, i], d, m, has_m, off, rr[3], g, s3, xg)
+                if fmt == NIB4:
+                    _group4(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
+                elif fmt == NIB5:
+                    _group4(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
+                elif fmt == BYTE:
+                    _group4(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
+                else:
+                    _group4(Q6, 8, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
             for k in range(min(4, r1 - r)):
                 for i in range(n):
                     out[i, r + k] = acc[k, i]
             r += 4
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _dequant_row(fmt, half, qs, qh, d, m, has_m, off, r, out, t):
+    inv_hi = _F32(1) / _HI[fmt]
+    for g in range(d.shape[1]):
+        dg = d[r, g]
+        x0 = g * 2 * half
+        for j in range(half):
+            lo, hi = _pair(fmt, qs, qh, r, g, j)
+            hi *= inv_hi
+            if has_m:
+                out[t, x0 + j] = dg * lo + m[r, g]
+                out[t, x0 + half + j] = dg * hi + m[r, g]
+            else:
+                out[t, x0 + j] = dg * (lo - off)
+                out[t, x0 + half + j] = dg * (hi - off)
+
+
 @njit(**_JIT_EXACT)
-def _dequant_rows(fmt, half, qs, qh, d, m, off, r0, out):
+def _dequant_rows(fmt, qs, qh, d, m, off, r0, out):
     """Rows [r0, r0 + len(out)) as float32, gguf's values bit for bit (d*(c-off), d*c + m)."""
-    rows, G = d.shape
-    has_m = m.shape[0] == rows
+    has_m = m.shape[0] == d.shape[0]
     for t in prange(out.shape[0]):
         r = r0 + t
-        for g in range(G):
-            dg = d[r, g]
-            mg = m[r, g] if has_m else _F32(0)
-            x0 = g * 2 * half
-            for j in range(half):
-                lo, hi = _pair(fmt, qs, qh, r, g, j)
-                if has_m:
-                    out[t, x0 + j] = dg * lo + mg
-                    out[t, x0 + half + j] = dg * hi + mg
-                else:
-                    out[t, x0 + j] = dg * (lo - off)
-                    out[t, x0 + half + j] = dg * (hi - off)
+        if fmt == NIB4:
+            _dequant_row(NIB4, 16, qs, qh, d, m, has_m, off, r, out, t)
+        elif fmt == NIB5:
+            _dequant_row(NIB5, 16, qs, qh, d, m, has_m, off, r, out, t)
+        elif fmt == BYTE:
+            _dequant_row(BYTE, 16, qs, qh, d, m, has_m, off, r, out, t)
+        else:
+            _dequant_row(Q6, 8, qs, qh, d, m, has_m, off, r, out, t)
 
 
 # F16 / BF16: widened in registers from their bits with exact power-of-two tables.
@@ -437,10 +493,10 @@ class JitMatrix:
         xs = x.reshape(n, G, self._gs).sum(axis=2, dtype=_F32)
         m = self._m if self._m is not None else _EMPTY
         qh = self._qh if self._qh is not None else _EMPTY_U32
-        kernel = _gemv if n == 1 else _gemm_small
-        xk = x[0] if n == 1 else x
-        kernel(self._fmt, self._gs // 2, self._qs, qh, self._d, m, self._off, xk, xs[0] if n == 1 else xs,
-               out[0] if n == 1 else out)
+        if n == 1:
+            _gemv(self._fmt, self._qs, qh, self._d, m, self._off, x[0], xs[0], out[0])
+        else:
+            _gemm_small(self._fmt, self._qs, qh, self._d, m, self._off, x, xs, out)
 
     def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
         """Prefill: dequantize blocks of rows (compiled, threaded) and sgemm each."""
@@ -455,7 +511,7 @@ class JitMatrix:
     def _dequant_into(self, r0: int, w: np.ndarray) -> None:
         m = self._m if self._m is not None else _EMPTY
         qh = self._qh if self._qh is not None else _EMPTY_U32
-        _dequant_rows(self._fmt, self._gs // 2, self._qs, qh, self._d, m, self._off, r0, w)
+        _dequant_rows(self._fmt, self._qs, qh, self._d, m, self._off, r0, w)
 
     # -- dequantization
 

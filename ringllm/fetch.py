@@ -315,7 +315,7 @@ def _assemble(spec: KnownModel, dest: Path, say: Progress, meter: _Meter, downlo
     have = staging.stat().st_size if staging.is_file() else 0
     done = max(k for k, end in enumerate(ends) if end <= have)  # parts wholly staged
     remaining = spec.parts[done:]
-    _check_free_disk(dest.parent, spec.size - ends[done] + 2 * max(p.size for p in remaining) + _DISK_MARGIN,
+    _check_free_disk(dest.parent, spec.size - ends[done] + 2 * max((p.size for p in remaining), default=0) + _DISK_MARGIN,
                      spec.name)
     h = hashlib.sha256()
     with open(staging, "r+b" if staging.is_file() else "w+b") as out:

@@ -1,14 +1,16 @@
 """Tokenizers for the two GGUF vocabulary kinds ringllm runs, built from GGUF metadata.
 
-``tokenizer.ggml.model == "gpt2"``: byte-level BPE (SmolLM2: pre "smollm"; Qwen2.5: "qwen2"). The text is split by the regexes llama.cpp
-uses for ``tokenizer.ggml.pre`` (each regex splits every piece the previous one left; the text
-between matches stays a piece of its own), each piece is mapped byte by byte to the GPT-2
-alphabet, and the `tokenizers` library merges it by rank.
+``tokenizer.ggml.model == "gpt2"``: byte-level BPE (SmolLM2: pre-tokenizer "smollm"; Qwen2.5:
+"qwen2"). The text is split by the regexes llama.cpp uses for ``tokenizer.ggml.pre`` (each
+regex splits every piece the previous one left; the text between matches stays a piece of its
+own), each piece is mapped byte by byte to the GPT-2 alphabet, and the `tokenizers` library
+merges it by rank.
 
-``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE over scores (Llama 2, Gemma 3).
-Spaces become "▁"; when ``add_space_prefix`` a "▁" is put before every run of plain text (Gemma's
-GGUF sets it false: "Hello world" is "Hello", "▁world"); the
-adjacent pair whose concatenation is the best-scored token merges first (ties: leftmost); a
+``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE over scores (Llama 2, Gemma 3),
+llama.cpp's algorithm written out here (the `tokenizers` library merges by rank, not by score).
+Spaces become "▁"; when ``add_space_prefix`` a "▁" is put before every run of plain text
+(Gemma's GGUF sets it false: "Hello world" is "Hello", "▁world"); the adjacent pair whose
+concatenation is the best-scored token merges first (ties: leftmost); a
 symbol that is not a token becomes its UTF-8 bytes as ``<0xNN>`` tokens.
 
 Both follow llama.cpp (``llama-vocab.cpp``), which the reference fixture agrees with. Special

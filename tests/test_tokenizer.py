@@ -519,3 +519,13 @@ def test_eog_by_text_follows_llama_cpp() -> None:
     assert t.token_type(262) == TokenType.CONTROL and t.token_type(256) == TokenType.NORMAL
     named = Tokenizer.from_metadata({**meta, "tokenizer.ggml.fim_pad_token_id": 259})
     assert named.eog_ids == {0, 257, 259, 260, 261, 262}  # a metadata id replaces the text search
+
+
+@pytest.mark.model
+def test_qwen_template_keeps_a_given_system_prompt() -> None:
+    t = tokenizer_of("qwen2.5-coder-0.5b")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+    assert render_chat(t.chat_template, chat) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n")

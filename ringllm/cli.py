@@ -56,10 +56,35 @@ def build_request(args: argparse.Namespace, ids: list[int]):
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from ringllm.fetch import pull
+    from ringllm.fetch import pull, terminal_bar
 
-    print(pull(args.name, progress=_progress))
+    if args.name is None:
+        _print_known_models()
+        print("ringllm: error: give a model name to pull: ringllm pull NAME", file=sys.stderr)
+        return 2
+    print(pull(args.name, progress=_progress, bar=terminal_bar(f"ringllm: {args.name}")))
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ringllm.fetch import cache_dir, cached_files
+
+    _print_known_models()
+    files = cached_files()
+    print(f"\ncached in {cache_dir() / 'models'}:" + ("" if files else " nothing"))
+    for f in files:
+        what = f"{f.model}, verified" if f.verified else f"{f.model}, NOT verified" if f.model else "by path"
+        print(f"  {f.path.name:<44} {f.size / 1e6:>7,.0f} MB  ({what})")
+    return 0
+
+
+def _print_known_models() -> None:
+    from ringllm.fetch import DEFAULT_MODEL, KNOWN_MODELS, is_cached
+
+    print(f"{'NAME':<20} {'SIZE':>8}  CACHED  DESCRIPTION")
+    for m in KNOWN_MODELS.values():
+        default = " (default)" if m.name == DEFAULT_MODEL else ""
+        print(f"{m.name:<20} {m.size / 1e6:>5,.0f} MB  {'yes' if is_cached(m) else 'no':<6}  {m.description}{default}")
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -288,8 +313,10 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("pull", help="fetch a known model into the cache")
-    pp.add_argument("name", nargs="?", default="smollm2-135m")
+    pp.add_argument("name", nargs="?", default=None, help="a known model name (without one: list them)")
     pp.set_defaults(func=cmd_pull)
+    pm = sub.add_parser("models", help="list the known models (size, cached or not) and the cached files")
+    pm.set_defaults(func=cmd_models)
 
     pl = sub.add_parser("local", help="start an N-peer ring on 127.0.0.1 and stream one reply")
     pl.add_argument("--peers", type=int, default=1)

@@ -39,12 +39,13 @@ class ModelInfo:
 def open_model(spec: str | None, progress: Progress | None = None) -> tuple[ModelInfo, ModelFile]:
     """Resolve (fetching if needed) and open a model; return its info and the open file."""
     mf = ModelFile(resolve_model(spec, progress=progress))
+    tokenizer = Tokenizer.from_metadata(mf.metadata)
     info = ModelInfo(
         path=str(mf.path),
         config=mf.config,
         fingerprint=mf.fingerprint,
-        tokenizer=Tokenizer.from_metadata(mf.metadata),
-        chat_template=mf.metadata.get("tokenizer.chat_template"),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,  # the GGUF's, or the family's (Gemma's base GGUF has none)
         ffn_block=ffn_block_size(mf),
     )
     mf.drop_vocabulary()  # the tokenizer has what it needs; ~10 MB of Python strings go
@@ -79,7 +80,7 @@ def set_threads(n: int, kernels: str = "auto", say: Progress | None = None) -> K
 def prompt_ids(info: ModelInfo, prompt: str | None = None, *, raw: bool = False, system: str | None = None,
                messages: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """Token ids for a prompt: raw text as-is (special tokens parsed), or chat messages rendered
-    with the model's chat template (ChatML when the model has none)."""
+    with the model's chat template (its family's standard one when the GGUF has none)."""
     tok = info.tokenizer
     if raw:
         assert prompt is not None

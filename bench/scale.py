@@ -17,7 +17,8 @@ Run as root (network namespaces). One JSON line per result:
    compute thread does (``Collectives.lend_to_thread``, ``allreduce_sync``): one small
    all-gather (control), the embedding all-reduce, 2 all-reduces per layer of ``dim`` float32,
    one small all-gather (greedy candidates). ``token_ms``: median per token on rank 0. Also
-   single all-reduces of ``dim``, 8192 and 16384 floats (``allreduce_us``), for the fit.
+   single all-reduces of ``dim``, 16384 and 65536 floats (``allreduce_us``, the exchange
+   algorithm forced), for the fit.
 3. ``model``: the alpha-beta fit. The exchange all-reduce moves every vector floor(P/2) hops
    one way (and floor((P-1)/2) the other, at the same time), so one collective of an s-byte
    frame costs ``h(P) * (alpha + s / beta)`` with ``h(P) = floor(P/2)``; alpha and beta are the
@@ -59,7 +60,9 @@ sys.path.insert(0, str(HERE))
 TEXT = "The ring passes a frame from peer to peer. "
 PROMPT_TOKENS = 64
 SMALL_GATHER_FLOATS = 15  # the step's control / greedy-candidate all-gathers: under 100 bytes (ring.py)
-SWEEP_FLOATS = (8192, 16384)  # under every P's exchange/ring crossover (SMALL_MAX_* in ring/collectives.py)
+# All-reduce sizes of the alpha-beta fit besides dim: 64 KB fits linkemu's token-bucket burst
+# (128 kB at 1 Gbit), 256 KB does not, so it pays the link rate (the fit's beta).
+SWEEP_FLOATS = (16384, 65536)
 COMM_PORT = 29300
 # distributed-llama's README (b4rtaz/distributed-llama): Llama 2 7B Q40 on Raspberry Pi 4B
 # 8 GB over 1 GbE, ms a token at 1 / 2 / 4 / 8 nodes.
@@ -127,12 +130,13 @@ async def comm_worker(rank: int, size: int, dim: int, n_layers: int, tokens: int
     addrs = [(f"10.77.0.{r + 1}", COMM_PORT) for r in range(size)]
     me = HandshakeInfo(ring="scale", rank=rank, size=size, model="m", plan="p")
     links = await open_tcp_ring(rank, addrs, me=me, secret=b"bench-scale", recv_timeout=60.0)
-    coll = Collectives(rank, size, links, "f32")
+    # The exchange algorithm at every size (the model's; a token's all-reduces of dim floats
+    # use it anyway: dim is under every P's crossover, SMALL_MAX_* in ring/collectives.py).
+    coll = Collectives(rank, size, links, "f32", small_max_elems=1 << 40)
     rng = np.random.default_rng(rank)
     vec = rng.standard_normal(dim).astype(np.float32)
     small = rng.standard_normal(SMALL_GATHER_FLOATS).astype(np.float32)
-    sweep = {n: rng.standard_normal(n).astype(np.float32) for n in (dim, *SWEEP_FLOATS)
-             if coll.algorithm(n) == "exchange"}
+    sweep = {n: rng.standard_normal(n).astype(np.float32) for n in (dim, *SWEEP_FLOATS)}
 
     def token() -> None:
         coll.allgather_sync(small)
@@ -250,7 +254,8 @@ def main() -> None:
     ap.add_argument("--ring-peers", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--ring-tokens", type=int, default=64)
     ap.add_argument("--ring-rounds", type=int, default=2)
-    ap.add_argument("--linkemu-dir", default=str(HERE.parents[1] / "shared" / "tools" / "linkemu"))
+    ap.add_argument("--linkemu-dir", default=str(HERE.parents[1] / "shared" / "tools" / "linkemu"),
+                    help="directory of linkemu's netem_ring.sh (default: ../shared/tools/linkemu from the checkout)")
     ap.add_argument("--profile", default="1gbit-0.2ms", help="linkemu profile: rate and one-way delay")
     ap.add_argument("--linkemu-keep", action="store_true", help="use namespaces already up; leave them")
     ap.add_argument("--alpha-us", type=float, default=None, help="without --comm-peers: the model's alpha")
@@ -290,8 +295,9 @@ def main() -> None:
             if "collring-" in existing:
                 sys.exit("scale: collring-* namespaces exist already (another linkemu run?); "
                          "take them down (netem_ring.sh down) or pass --linkemu-keep")
-            linkemu(script, "up", str(n_ns), a.profile)
         try:
+            if not a.linkemu_keep:
+                linkemu(script, "up", str(n_ns), a.profile)
             for p in sorted(set(a.comm_peers)):
                 comm[p] = measure_comm(p, c.dim, c.n_layers, a.comm_tokens, a.comm_iters)
             if a.ring_peers:

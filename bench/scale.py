@@ -17,8 +17,9 @@ Run as root (network namespaces). One JSON line per result:
    compute thread does (``Collectives.lend_to_thread``, ``allreduce_sync``): one small
    all-gather (control), the embedding all-reduce, 2 all-reduces per layer of ``dim`` float32,
    one small all-gather (greedy candidates). ``token_ms``: median per token on rank 0. Also
-   single all-reduces of ``dim``, 16384 and 65536 floats (``allreduce_us``, the exchange
-   algorithm forced), for the fit.
+   single all-reduces of ``dim``, 16384 and 65536 floats (``allreduce_us``: the mean after
+   the first tenth, the exchange algorithm forced), for the fit. Means, not medians: a token
+   sums its 2L+3 calls, tail latencies included.
 3. ``model``: the alpha-beta fit. The exchange all-reduce moves every vector floor(P/2) hops
    one way (and floor((P-1)/2) the other, at the same time), so one collective of an s-byte
    frame costs ``h(P) * (alpha + s / beta)`` with ``h(P) = floor(P/2)``; alpha and beta are the
@@ -167,7 +168,7 @@ async def comm_worker(rank: int, size: int, dim: int, n_layers: int, tokens: int
         sweep_us = {}
         for n, x in sweep.items():
             samples = await lent(lambda x=x: [one(x) for _ in range(iters)])
-            sweep_us[n] = statistics.median(samples[iters // 10:]) * 1e6
+            sweep_us[n] = statistics.mean(samples[iters // 10:]) * 1e6  # mean: a token sums its calls
     finally:
         await links.shutdown("scale benchmark done")
     if rank == 0:

@@ -268,6 +268,8 @@ def main() -> None:
         p, dim, n_layers, tokens, iters = map(int, a.comm_worker.split(":"))
         asyncio.run(comm_worker(a.rank, p, dim, n_layers, tokens, iters))
         return
+    if a.rank is not None:
+        sys.exit(f"scale: unexpected argument {a.rank} (P values go after --peers)")
     if any(p < 1 for p in a.peers + a.comm_peers + a.ring_peers) or min(a.tokens, a.rounds, a.threads) < 1:
         sys.exit("scale: --peers, --comm-peers, --ring-peers, --tokens, --rounds and --threads must be >= 1")
     if any(p < 2 for p in a.comm_peers):

@@ -169,6 +169,9 @@ async def comm_worker(rank: int, size: int, dim: int, n_layers: int, tokens: int
         for n, x in sweep.items():
             samples = await lent(lambda x=x: [one(x) for _ in range(iters)])
             sweep_us[n] = statistics.mean(samples[iters // 10:]) * 1e6  # mean: a token sums its calls
+        # A rank can finish the last exchange while a neighbour still waits for its final
+        # frames; a goodbye arriving with them failed that neighbour at P=4. Linger first.
+        await asyncio.sleep(2.0)
     finally:
         await links.shutdown("scale benchmark done")
     if rank == 0:

@@ -230,3 +230,20 @@ def test_choose_falls_back_with_one_line(monkeypatch):
     assert said == ["numba does not import (No module named 'numba'); using the numpy kernels"]
     with pytest.raises(Exception, match="--kernels numba, but numba does not import"):
         choose("numba", 1, say=said.append)
+
+
+def test_ring_toml_kernels(tmp_path):
+    """ring.toml's ``kernels`` takes the families ringllm.ops.kernels knows, and nothing else."""
+    from ringllm.ops.kernels import FAMILIES
+    from ringllm.ring import config
+
+    assert config.KERNEL_FAMILIES == FAMILIES
+    base = config.init_ring_toml(2)
+    path = tmp_path / "ring.toml"
+    path.write_text('kernels = "numpy"\n' + base)
+    assert config.load_ring(path).kernels == "numpy"
+    path.write_text(base)
+    assert config.load_ring(path).kernels == "auto"
+    path.write_text('kernels = "gpu"\n' + base)
+    with pytest.raises(Exception, match=r"kernels: must be one of auto, numba, numpy, got 'gpu'"):
+        config.load_ring(path)

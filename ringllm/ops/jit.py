@@ -223,64 +223,93 @@ def _gemv(fmt, qs, qh, d, m, off, x, xs, out):
 
 
 @njit(inline="always", **_JIT)
-def _group4(fmt, half, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc):
-    """Group g of rows rr (four): decode its codes once into w, then add their scaled dots
-    with every row of x into acc (4, n). ``half`` is a literal where inlined (see _quad)."""
+def _quad2(fmt, half, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, out):
+    """Rows x[i], x[i+1] times four weight rows: each code decoded once for both rows of x
+    (eight sums live in registers; more rows of x at once spilled them, measured)."""
     inv_hi = _F32(1) / _HI[fmt]
-    for k in range(4):
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _F32(0)
+    for g in range(d.shape[1]):
+        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _F32(0)
+        x0 = g * 2 * half
         for j in range(half):
-            lo, hi = _pair(fmt, qs, qh, rr[k], g, j)
-            w[k, j] = lo
-            w[k, half + j] = hi * inv_hi
-    x0 = g * 2 * half
-    for i in range(x.shape[0]):
-        s0 = s1 = s2 = s3 = _F32(0)
-        for j in range(2 * half):
-            xv = x[i, x0 + j]
-            s0 += w[0, j] * xv
-            s1 += w[1, j] * xv
-            s2 += w[2, j] * xv
-            s3 += w[3, j] * xv
-        xg = xs[i, g]
+            pl, ph = x[i, x0 + j], x[i, x0 + half + j] * inv_hi
+            ql, qh_ = x[i + 1, x0 + j], x[i + 1, x0 + half + j] * inv_hi
+            lo, hi = _pair(fmt, qs, qh, r, g, j)
+            s00 += lo * pl + hi * ph
+            s10 += lo * ql + hi * qh_
+            lo, hi = _pair(fmt, qs, qh, ra, g, j)
+            s01 += lo * pl + hi * ph
+            s11 += lo * ql + hi * qh_
+            lo, hi = _pair(fmt, qs, qh, rb, g, j)
+            s02 += lo * pl + hi * ph
+            s12 += lo * ql + hi * qh_
+            lo, hi = _pair(fmt, qs, qh, rc, g, j)
+            s03 += lo * pl + hi * ph
+            s13 += lo * ql + hi * qh_
+        xp, xq = xs[i, g], xs[i + 1, g]
         if has_m:
-            acc[0, i] += d[rr[0], g] * s0 + m[rr[0], g] * xg
-            acc[1, i] += d[rr[1], g] * s1 + m[rr[1], g] * xg
-            acc[2, i] += d[rr[2], g] * s2 + m[rr[2], g] * xg
-            acc[3, i] += d[rr[3], g] * s3 + m[rr[3], g] * xg
+            a00 += d[r, g] * s00 + m[r, g] * xp
+            a01 += d[ra, g] * s01 + m[ra, g] * xp
+            a02 += d[rb, g] * s02 + m[rb, g] * xp
+            a03 += d[rc, g] * s03 + m[rc, g] * xp
+            a10 += d[r, g] * s10 + m[r, g] * xq
+            a11 += d[ra, g] * s11 + m[ra, g] * xq
+            a12 += d[rb, g] * s12 + m[rb, g] * xq
+            a13 += d[rc, g] * s13 + m[rc, g] * xq
         else:
-            acc[0, i] += d[rr[0], g] * (s0 - off * xg)
-            acc[1, i] += d[rr[1], g] * (s1 - off * xg)
-            acc[2, i] += d[rr[2], g] * (s2 - off * xg)
-            acc[3, i] += d[rr[3], g] * (s3 - off * xg)
+            a00 += d[r, g] * (s00 - off * xp)
+            a01 += d[ra, g] * (s01 - off * xp)
+            a02 += d[rb, g] * (s02 - off * xp)
+            a03 += d[rc, g] * (s03 - off * xp)
+            a10 += d[r, g] * (s10 - off * xq)
+            a11 += d[ra, g] * (s11 - off * xq)
+            a12 += d[rb, g] * (s12 - off * xq)
+            a13 += d[rc, g] * (s13 - off * xq)
+    out[0, 0], out[0, 1], out[0, 2], out[0, 3] = a00, a01, a02, a03
+    out[1, 0], out[1, 1], out[1, 2], out[1, 3] = a10, a11, a12, a13
 
 
 @njit(**_JITP)
 def _gemm_small(fmt, qs, qh, d, m, off, x, xs, out):
-    """A few rows of x: each group of codes is decoded once and used for every row of x."""
-    rows, G = d.shape
+    """A few rows of x (a decode batch): two rows of x at a time share each decoded code, the
+    odd one out runs the one-row path. Every row of out is computed by the same arithmetic
+    whatever n is, except that the pairing decides which sums share registers, not the order."""
+    rows = d.shape[0]
     n = x.shape[0]
     has_m = m.shape[0] == rows
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        w = np.empty((4, 32), _F32)
-        acc = np.empty((4, n), _F32)
+        t = np.empty((2, 4), _F32)
         r0 = blk * ROW_BLOCK
         r1 = min(rows, r0 + ROW_BLOCK)
         r = r0
         while r < r1:
-            rr = (r, min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1))
-            acc[:] = 0
-            for g in range(G):
+            ra, rb, rc = min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1)
+            k = min(4, r1 - r)
+            for i in range(0, n - 1, 2):
                 if fmt == NIB4:
-                    _group4(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
+                    _quad2(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
                 elif fmt == NIB5:
-                    _group4(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
+                    _quad2(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
                 elif fmt == BYTE:
-                    _group4(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
+                    _quad2(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
                 else:
-                    _group4(Q6, 8, qs, qh, d, m, has_m, off, x, xs, rr, g, w, acc)
-            for k in range(min(4, r1 - r)):
-                for i in range(n):
-                    out[i, r + k] = acc[k, i]
+                    _quad2(Q6, 8, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
+                for c in range(k):
+                    out[i, r + c] = t[0, c]
+                    out[i + 1, r + c] = t[1, c]
+            if n % 2:
+                xl = x[n - 1]
+                sl = xs[n - 1]
+                if fmt == NIB4:
+                    a = _quad(NIB4, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                elif fmt == NIB5:
+                    a = _quad(NIB5, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                elif fmt == BYTE:
+                    a = _quad(BYTE, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                else:
+                    a = _quad(Q6, 8, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                for c in range(k):
+                    out[n - 1, r + c] = a[c]
             r += 4
 
 

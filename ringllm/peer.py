@@ -46,21 +46,18 @@ from typing import Any, AsyncIterator
 import msgpack
 import numpy as np
 
-from ringllm.errors import PeerLostError, RequestError, RingError
+from ringllm.errors import PeerLostError, QueueFullError, RequestError, RingError
 from ringllm.generation import Request, Sequence, Step
 from ringllm.model import Segment, Transformer
+from ringllm.request_wire import from_wire, to_wire
 from ringllm.ring.collectives import Collectives
 from ringllm.ring.links import RingLinks
 from ringllm.runtime import ModelInfo
-from ringllm.sampling import SamplingParams, choose_batch
+from ringllm.sampling import choose_batch
 
 log = logging.getLogger("ringllm.peer")
 
 _DONE = object()  # end-of-stream marker in a request's queue
-
-
-class QueueFullError(RequestError):
-    """The ring's waiting line is full; try again later."""
 
 
 @dataclass
@@ -94,16 +91,6 @@ class PeerStats:
         d = asdict(self)
         d["compute_seconds"] = self.compute_seconds
         return d
-
-
-def request_to_wire(r: Request) -> dict[str, Any]:
-    return {"prompt_ids": list(r.prompt_ids), "sampling": asdict(r.sampling), "max_tokens": r.max_tokens,
-            "stop": list(r.stop), "ignore_eos": r.ignore_eos}
-
-
-def request_from_wire(d: dict[str, Any]) -> Request:
-    return Request(tuple(int(t) for t in d["prompt_ids"]), SamplingParams(**d["sampling"]), max_tokens=int(d["max_tokens"]),
-                   stop=tuple(d["stop"]), ignore_eos=bool(d["ignore_eos"]))
 
 
 class Peer:
@@ -160,20 +147,23 @@ class Peer:
     async def generate(self, request: Request) -> AsyncIterator[Step]:
         """Run ``request`` on the ring; yield its Steps as they are chosen.
 
-        Raises RequestError before anything runs if the prompt does not fit the context,
+        Raises RequestError before anything runs if the prompt does not fit the context or
+        the request cannot travel the ring (:func:`ringllm.request_wire.to_wire`),
         QueueFullError if the waiting line is full, and PeerLostError (naming the peer) if the
-        ring breaks mid-request. Closing the iterator early cancels the request on every peer
-        and frees its KV cache.
+        ring breaks mid-request. A request that fails on its own (see :meth:`_step`) raises
+        RequestError; the others go on. Closing the iterator early cancels the request on
+        every peer and frees its KV cache.
         """
         if self._failed is not None:
             raise self._down_error()
         request.check_fits(self.model.max_len)
+        wire = to_wire(request)
         if len(self._waiting) + len(self._news_new) >= self.max_queue + max(0, self.max_batch - len(self._running)):
             raise QueueFullError(f"the ring's queue is full ({self.max_queue} waiting); retry later")
         rid = f"{self.rank}-{next(self._counter)}"
         out: asyncio.Queue = asyncio.Queue()
         self._outs[rid] = out
-        self._news_new.append((rid, request_to_wire(request)))
+        self._news_new.append((rid, wire))
         self._news.set()
         self.stats.requests += 1
         finished = False
@@ -242,7 +232,8 @@ class Peer:
             elif isinstance(exc, asyncio.CancelledError):
                 err = PeerLostError(f"rank {self.rank}", "the peer is shutting down")
             else:
-                err = PeerLostError(f"rank {self.rank}", f"the peer's step loop failed: {exc!r}")
+                # Only the exception's type: its text may quote a request (it reaches /health).
+                err = PeerLostError(f"rank {self.rank}", f"the peer's step loop failed: {type(exc).__name__}")
             self._fail_all(err)
             self.links.abandon(err)
             raise
@@ -285,7 +276,11 @@ class Peer:
         self.stats.steps += 1
         self.stats.bytes_sent = self._bytes_before + sum(link.bytes_sent for link in self.links.links)
         for run, choice in zip(batch, choices):
-            step = run.seq.accept(choice)
+            try:
+                step = run.seq.accept(choice)
+            except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the ring
+                self._fail_one(run, exc)
+                continue
             self.stats.tokens += 1
             if run.out is not None:
                 run.out.put_nowait(step)
@@ -315,11 +310,13 @@ class Peer:
             rid, origin, req = self._waiting.pop(0)
             out = self._outs.get(rid) if origin == self.rank else None
             try:
-                seq = Sequence(request_from_wire(req), self.info.tokenizer, self.model.new_cache(), self.model.max_len)
-            except (RingError, TypeError, ValueError, KeyError) as exc:
+                seq = Sequence(from_wire(req), self.info.tokenizer, self.model.new_cache(), self.model.max_len)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the ring
                 # Every peer refuses the same request the same way; only its origin reports it.
+                log.warning("rank %d: request %s refused: %s", self.rank, rid, _describe(exc))
                 if out is not None:
-                    out.put_nowait(exc if isinstance(exc, RingError) else RequestError(f"bad request: {exc}"))
+                    out.put_nowait(exc if isinstance(exc, RequestError) else
+                                   RequestError(f"the request failed on the ring: {type(exc).__name__}"))
                 continue
             self._running.append(_Running(rid, origin, seq, out))
 
@@ -327,6 +324,18 @@ class Peer:
         self._running.remove(run)
         if run.out is not None:
             run.out.put_nowait(_DONE)
+
+    def _fail_one(self, run: _Running, exc: Exception) -> None:
+        """End one sequence that raised while advancing; the others go on.
+
+        A Sequence is a pure function of its request and the chosen tokens, which every peer
+        shares, so every peer fails the same sequence at the same step and the ring stays in
+        step. Only the exception's type is reported: its text may quote the request.
+        """
+        log.warning("rank %d: request %s failed: %s", self.rank, run.rid, _describe(exc))
+        self._running.remove(run)
+        if run.out is not None:
+            run.out.put_nowait(RequestError(f"the request failed on the ring: {type(exc).__name__}"))
 
     def _fail_all(self, exc: BaseException) -> None:
         self._failed = exc
@@ -397,6 +406,11 @@ class Peer:
             return [obj]
         blob = np.frombuffer(msgpack.packb(obj, use_bin_type=True), np.uint8)
         return [_unpack(p) for p in await self.coll.allgather(blob)]
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line, escaped: its text may hold what a client sent."""
+    return f"{type(exc).__name__}: {ascii(str(exc))[:300]}"
 
 
 def _unpack(part: np.ndarray) -> Any:

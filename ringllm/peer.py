@@ -5,10 +5,13 @@ How P peers agree on the work without a coordinator
 Every peer runs the same loop. A *step* is:
 
 1. **Control all-gather.** Each peer contributes its news since the last step: requests that
-   arrived at it (with ids ``"<rank>-<n>"``) and cancellations of its own requests. All peers
-   receive the same list (rank order) and apply the same rule: new requests join the waiting
-   line in (rank, arrival) order; cancelled ones leave; the waiting line's head is admitted
-   while fewer than ``max_batch`` sequences run.
+   arrived at it (with ids ``"<rank>-<n>"``), cancellations of its own requests, and sequences
+   that raised while advancing on it (``(id, exception type)``). All peers receive the same
+   list (rank order) and apply the same rule: new requests join the waiting line in (rank,
+   arrival) order; cancelled and failed ones leave (a failed one's origin reports a
+   RequestError); the waiting line's head is admitted while fewer than ``max_batch``
+   sequences run. News is a msgpack map ``{"new": [[id, wire request], ...], "cancel": [id,
+   ...], "failed": [[id, type name], ...]}`` (:mod:`ringllm.request_wire` for the requests).
 2. **Forward.** The running sequences' new tokens (a whole prompt for a new sequence, one token
    otherwise) go through the model as one batch: two all-reduces per layer.
 3. **Choose.** Every peer applies the sampling rule (:mod:`ringllm.sampling`) to its vocabulary
@@ -66,6 +69,7 @@ class _Running:
     origin: int
     seq: Sequence
     out: asyncio.Queue | None = None  # on the origin peer: Steps, then _DONE or an exception
+    failed: bool = False  # raised while advancing here; dropped by every peer at the next step
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Peer:
         self._counter = itertools.count()
         self._news_new: list[tuple[str, dict]] = []
         self._news_cancel: list[str] = []
+        self._news_failed: list[tuple[str, str]] = []  # (rid, exception type) of sequences that raised here
         self._news = asyncio.Event()
         self._outs: dict[str, asyncio.Queue] = {}
         self._waiting: list[tuple[str, int, dict]] = []
@@ -260,8 +265,8 @@ class Peer:
     async def _step(self) -> None:
         if not self._running and not self._waiting:
             await self._wait_for_work()
-        news = {"new": self._news_new, "cancel": self._news_cancel}
-        self._news_new, self._news_cancel = [], []
+        news = {"new": self._news_new, "cancel": self._news_cancel, "failed": self._news_failed}
+        self._news_new, self._news_cancel, self._news_failed = [], [], []
         self._news.clear()
         t0 = time.perf_counter()
         union = await self._gather_obj(news)
@@ -279,7 +284,7 @@ class Peer:
             try:
                 step = run.seq.accept(choice)
             except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the ring
-                self._fail_one(run, exc)
+                self._failed_here(run, exc)
                 continue
             self.stats.tokens += 1
             if run.out is not None:
@@ -299,13 +304,17 @@ class Peer:
 
     def _apply(self, union: list[dict]) -> None:
         """The deterministic rule every peer applies to the gathered news (see module doc)."""
-        cancelled = {rid for part in union for rid in part["cancel"]}
+        failed = {rid: why for part in union for rid, why in part["failed"]}
+        cancelled = {rid for part in union for rid in part["cancel"]} | set(failed)
         for origin, part in enumerate(union):
             for rid, req in part["new"]:
                 self._waiting.append((rid, origin, req))
         self._waiting = [w for w in self._waiting if w[0] not in cancelled]
         for run in [r for r in self._running if r.rid in cancelled]:
-            self._finish(run)
+            if run.rid in failed:
+                self._fail_one(run, failed[run.rid])
+            else:
+                self._finish(run)
         while self._waiting and len(self._running) < self.max_batch:
             rid, origin, req = self._waiting.pop(0)
             out = self._outs.get(rid) if origin == self.rank else None
@@ -325,17 +334,24 @@ class Peer:
         if run.out is not None:
             run.out.put_nowait(_DONE)
 
-    def _fail_one(self, run: _Running, exc: Exception) -> None:
-        """End one sequence that raised while advancing; the others go on.
+    def _failed_here(self, run: _Running, exc: Exception) -> None:
+        """A sequence raised while advancing on this peer: stop advancing it, and tell every
+        peer in the next step's news, where all drop it together (:meth:`_apply`).
 
-        A Sequence is a pure function of its request and the chosen tokens, which every peer
-        shares, so every peer fails the same sequence at the same step and the ring stays in
-        step. Only the exception's type is reported: its text may quote the request.
+        Dropping it here at once would leave the peers with different batches if the
+        failure were this peer's alone (e.g. out of memory); a Sequence is a pure function of
+        its request and the chosen tokens, so usually every peer fails it at the same step.
+        Only the exception's type travels: its text may quote the request.
         """
         log.warning("rank %d: request %s failed: %s", self.rank, run.rid, _describe(exc))
+        run.failed = True
+        self._news_failed.append((run.rid, type(exc).__name__))
+
+    def _fail_one(self, run: _Running, why: str) -> None:
+        """Drop a sequence some peer reported failed; its origin's client gets the error."""
         self._running.remove(run)
         if run.out is not None:
-            run.out.put_nowait(RequestError(f"the request failed on the ring: {type(exc).__name__}"))
+            run.out.put_nowait(RequestError(f"the request failed on the ring: {why}"))
 
     def _fail_all(self, exc: BaseException) -> None:
         self._failed = exc
@@ -346,7 +362,7 @@ class Peer:
         self._running.clear()
         self._waiting.clear()
         # News not yet gathered belongs to requests that have just been failed.
-        self._news_new, self._news_cancel = [], []
+        self._news_new, self._news_cancel, self._news_failed = [], [], []
 
     async def _compute_lent(self, batch: list[_Running]) -> list:
         """Run :meth:`_compute` in the compute thread with the ring's sockets lent to it.

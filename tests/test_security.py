@@ -709,6 +709,35 @@ def test_a_sequence_that_raises_fails_alone(inproc_ring, monkeypatch, caplog):
     _normal_request_succeeds(inproc_ring)
 
 
+def test_a_sequence_that_raises_on_one_peer_only_fails_alone(inproc_ring, monkeypatch):
+    """A failure only one peer sees (as out of memory would be): that peer must not simply
+    drop the sequence, or the peers' batches would differ from the next step on. It reports
+    the failure in the next step's news and every peer drops the sequence together."""
+    from ringllm.errors import RequestError
+    from ringllm.generation import Request, Sequence
+    from ringllm.sampling import SamplingParams
+
+    real, raised = Sequence.accept, []
+
+    def accept(self, choice):
+        if self.request.max_tokens == 9 and len(self.ids) == 3 and not raised:
+            raised.append(1)  # the first peer to get here fails; the other goes on
+            raise MemoryError()
+        return real(self, choice)
+
+    monkeypatch.setattr(Sequence, "accept", accept)
+    greedy = SamplingParams(temperature=0)
+    out = _run_requests(inproc_ring, [Request((5, 6), greedy, max_tokens=9, ignore_eos=True),
+                                      Request((7, 8), greedy, max_tokens=14, ignore_eos=True)])
+    assert raised == [1]
+    assert isinstance(out[0], RequestError) and "MemoryError" in str(out[0])
+    assert isinstance(out[1], list) and len(out[1]) == 14
+    assert all(p.failure is None for p in inproc_ring.peers)
+    inproc_ring.wait_idle()
+    monkeypatch.undo()
+    _normal_request_succeeds(inproc_ring)
+
+
 # Hypothesis: any body, on any of the three POST routes, gives JSON 4xx or a success, and the
 # ring serves the next ordinary request.
 # Any code point, lone surrogates included (drawn often: among all code points they are rare).

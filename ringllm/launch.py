@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,8 +140,10 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
                     await _run_ring(peer, cfg)
                 except RingError as exc:
                     log.error("rank %d: ring lost: %s; re-forming", rank, exc)
-                except Exception:  # a bug in a step: requests were failed; keep the peer up
-                    log.exception("rank %d: step loop failed; re-forming the ring", rank)
+                except Exception as exc:  # a bug in a step: requests were failed; keep the peer up
+                    # The frames, and the message escaped: it may quote what a client sent.
+                    log.error("rank %d: step loop failed: %s: %s; re-forming the ring\n%s", rank, type(exc).__name__,
+                              ascii(str(exc))[:300], "".join(traceback.format_tb(exc.__traceback__)).rstrip())
                 t1 = time.monotonic()
                 peer.rebind(await form(False))
                 log.info("rank %d: ring re-formed after %.1f s", rank, time.monotonic() - t1)

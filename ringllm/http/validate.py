@@ -28,7 +28,7 @@ from ringllm.generation import Request
 from ringllm.runtime import ModelInfo, prompt_ids
 from ringllm.sampling import SamplingParams
 
-MAX_DEPTH = 16  # the deepest body we read is messages[i].content[j].text: 4 levels
+MAX_DEPTH = 16  # nested arrays/objects; the deepest body we read, messages[i].content[j].text, has 5
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20  # the sampler's limit (OpenAI's own: 20 for chat, 5 for completions)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -67,31 +67,58 @@ def parse_json(raw: bytes) -> Any:
 
 def check_json(body: Any) -> None:
     """Refuse anything in a parsed body that a later stage could choke on, naming where it is:
-    strings (and keys) UTF-8 cannot encode, NaN and infinities, nesting deeper than MAX_DEPTH."""
-    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
-    while stack:
-        v, where, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise RequestError(f"the request body nests deeper than {MAX_DEPTH} levels at {where}", param=where)
-        if isinstance(v, str):
-            _utf8(v, where)
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise RequestError(f"'{where or 'the body'}' must be a finite number, got {v}", param=where or None)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                _utf8(k, where or None, key=True)
-                stack.append((x, f"{where}.{k}" if where else k, depth + 1))
-        elif isinstance(v, list):
-            stack.extend((x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v))
+    strings (and keys) UTF-8 cannot encode, NaN and infinities, nesting deeper than MAX_DEPTH.
+
+    Recursion is bounded by MAX_DEPTH, and the path is only built for a refusal, so a big
+    body costs no memory beyond itself."""
+    try:
+        _walk(body, 0)
+    except _Bad as bad:
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(bad.path)).lstrip(".")
+        raise RequestError(bad.message(where), param=where or None) from None
 
 
-def _utf8(s: str, where: str | None, key: bool = False) -> None:
+class _Bad(Exception):
+    """A refusal found by _walk; ``path`` collects the keys and indices on the way out."""
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        super().__init__(what)
+        self.what, self.detail, self.path = what, detail, []
+
+    def message(self, where: str) -> str:
+        field = f"'{where}'" if where else "the body"
+        if self.what == "key":
+            return f"a key of {field} {self.detail}"
+        if self.what == "deep":
+            return f"{field} nests deeper than {MAX_DEPTH} levels"
+        return f"{field} {self.detail}"
+
+
+def _walk(v: Any, depth: int) -> None:
+    if isinstance(v, str):
+        _utf8(v, "value")
+    elif isinstance(v, float):
+        if not math.isfinite(v):
+            raise _Bad("number", f"must be a finite number, got {v}")
+    elif isinstance(v, (dict, list)):
+        if depth >= MAX_DEPTH:
+            raise _Bad("deep")
+        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+            if isinstance(k, str):
+                _utf8(k, "key")
+            try:
+                _walk(x, depth + 1)
+            except _Bad as bad:
+                bad.path.append(k)
+                raise
+
+
+def _utf8(s: str, what: str) -> None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as exc:
-        what = f"a key of '{where}'" if key and where else ("a key" if key else f"'{where}'")
-        raise RequestError(f"{what} is not valid Unicode: it holds a lone surrogate ({exc.object[exc.start]!a} at "
-                           f"character {exc.start}), which UTF-8 cannot encode", param=where) from None
+        raise _Bad(what, f"is not valid Unicode: it holds a lone surrogate ({exc.object[exc.start]!a} at character "
+                         f"{exc.start}), which UTF-8 cannot encode") from None
 
 
 class Fields:

@@ -21,12 +21,14 @@ import asyncio
 import json
 import ssl as ssl_module
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import aiohttp
 
 from ringllm.errors import PeerLostError, QueueFullError, RequestError, RingError
-from ringllm.generation import Completion
+
+if TYPE_CHECKING:  # generation imports the model (numpy): loaded only when a generation is collected
+    from ringllm.generation import Completion
 
 # Keyword arguments every generation method takes (None means the peer's default).
 GENERATION_PARAMS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed",
@@ -112,6 +114,8 @@ class Client:
         system message) or ``messages=[...]`` or ``prompt_ids=[...]``, plus any of
         :data:`GENERATION_PARAMS`. ``on_text(piece)`` sees the text as it streams.
         """
+        from ringllm.generation import Completion
+
         body = _body(params, prompt=prompt)
         out = Completion([])
         t0 = time.perf_counter()

@@ -69,7 +69,6 @@ class _Running:
     origin: int
     seq: Sequence
     out: asyncio.Queue | None = None  # on the origin peer: Steps, then _DONE or an exception
-    failed: bool = False  # raised while advancing here; dropped by every peer at the next step
 
 
 @dataclass
@@ -335,8 +334,8 @@ class Peer:
             run.out.put_nowait(_DONE)
 
     def _failed_here(self, run: _Running, exc: Exception) -> None:
-        """A sequence raised while advancing on this peer: stop advancing it, and tell every
-        peer in the next step's news, where all drop it together (:meth:`_apply`).
+        """A sequence raised while advancing on this peer: tell every peer in the next step's
+        news, where all drop it together (:meth:`_apply`, before that step's forward).
 
         Dropping it here at once would leave the peers with different batches if the
         failure were this peer's alone (e.g. out of memory); a Sequence is a pure function of
@@ -344,7 +343,6 @@ class Peer:
         Only the exception's type travels: its text may quote the request.
         """
         log.warning("rank %d: request %s failed: %s", self.rank, run.rid, _describe(exc))
-        run.failed = True
         self._news_failed.append((run.rid, type(exc).__name__))
 
     def _fail_one(self, run: _Running, why: str) -> None:

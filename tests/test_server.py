@@ -180,8 +180,11 @@ def test_openai_defaults_and_greedy_rules(tiny_info):
     assert parse_completion({"prompt": [[5, 6, 7]], "max_tokens": 4}, tiny_info, 128).request.prompt_ids == (5, 6, 7)
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+# Text with lone surrogates too (JSON's "\ud800" escape decodes to one; UTF-8 cannot encode it).
+any_text = st.text(st.characters(codec=None, exclude_categories=()) | st.characters(min_codepoint=0xD800,
+                                                                                    max_codepoint=0xDFFF), max_size=8)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(any_text, kids, max_size=3),
                            max_leaves=8)
 field_names = st.sampled_from(["messages", "prompt", "prompt_ids", "raw", "system", "top_k", "max_tokens", "temperature", "top_p", "stop", "seed", "logprobs",
                                "top_logprobs", "stream", "stream_options", "n", "top_k", "min_p", "model", "x"])

@@ -11,9 +11,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ringllm.errors import RingError
+
+if TYPE_CHECKING:  # the CLI imports what a command needs when it runs: `ringllm --help` stays fast
+    from ringllm.generation import Completion
 
 
 def _progress(msg: str) -> None:
@@ -91,7 +94,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.peers != 1:
         from ringllm.launch import run_local_ring
 
-        return run_local_ring(args)
+        done = run_local_ring(args.peers, args.model, args.threads, body_from_args(args),
+                              on_text=None if args.json else _stream)
+        return print_completion(args, done)
     from ringllm.generation import LocalEngine, collect
     from ringllm import runtime
 
@@ -111,7 +116,15 @@ def _stream(piece: str) -> None:
     sys.stdout.flush()
 
 
-def print_completion(args: argparse.Namespace, done) -> int:
+def body_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The native endpoint's body for the generation flags (see add_generation_flags)."""
+    return {"prompt": args.prompt, "raw": args.raw, "system": args.system, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+            "seed": args.seed, "max_tokens": args.max_tokens, "stop": args.stop or None,
+            "ignore_eos": args.ignore_eos, "top_logprobs": args.top_logprobs}
+
+
+def print_completion(args: argparse.Namespace, done: Completion) -> int:
     if args.json:
         print(json.dumps(done.to_json(), ensure_ascii=False))
     else:
@@ -174,17 +187,14 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 async def _prompt_once(args: argparse.Namespace, address: str) -> int:
     from ringllm.client import connect
-    from ringllm.launch import _body_from_args
 
     async with connect(address, api_key=args.api_key, ssl=args.tls) as client:
-        done = await client.complete(on_text=None if args.json else _stream, **_body_from_args(args))
+        done = await client.complete(on_text=None if args.json else _stream, **body_from_args(args))
     return print_completion(args, done)
 
 
 def _chat_body(args: argparse.Namespace) -> dict:
-    from ringllm.launch import _body_from_args
-
-    body = _body_from_args(args)
+    body = body_from_args(args)
     for key in ("prompt", "raw", "system"):
         body.pop(key, None)
     return body

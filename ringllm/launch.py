@@ -16,12 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ringllm.errors import ConfigError, ModelError, RingError
 from ringllm.fetch import resolve_model, sha256_file
 from ringllm.ring.config import RingConfig, init_ring_toml, load_ring
+
+if TYPE_CHECKING:  # loaded when a command runs (the model's modules take a while to import)
+    from ringllm.generation import Completion
 
 log = logging.getLogger("ringllm.peer")
 
@@ -82,7 +87,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
     from ringllm.ring.handshake import HandshakeInfo
     from ringllm.ring.links import RingListener, open_tcp_ring
     from ringllm.ring.tls import http_server_context, peer_contexts
-    from ringllm.server import make_app
+    from ringllm.http.app import make_app
 
     me_cfg = cfg.peer(rank)
     runtime.set_threads(threads)
@@ -135,8 +140,10 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
                     await _run_ring(peer, cfg)
                 except RingError as exc:
                     log.error("rank %d: ring lost: %s; re-forming", rank, exc)
-                except Exception:  # a bug in a step: requests were failed; keep the peer up
-                    log.exception("rank %d: step loop failed; re-forming the ring", rank)
+                except Exception as exc:  # a bug in a step: requests were failed; keep the peer up
+                    # The frames, and the message escaped: it may quote what a client sent.
+                    log.error("rank %d: step loop failed: %s: %s; re-forming the ring\n%s", rank, type(exc).__name__,
+                              ascii(str(exc))[:300], "".join(traceback.format_tb(exc.__traceback__)).rstrip())
                 t1 = time.monotonic()
                 peer.rebind(await form(False))
                 log.info("rank %d: ring re-formed after %.1f s", rank, time.monotonic() - t1)
@@ -206,15 +213,17 @@ async def _await(task: asyncio.Task) -> None:
 
 
 # -- ringllm local --peers N ------------------------------------------------------------------
-def run_local_ring(args: argparse.Namespace) -> int:
-    """Start N peer processes on 127.0.0.1, stream one reply from rank 0, stop them all."""
+def run_local_ring(n: int, model: str | None, threads: int | None, body: dict[str, Any],
+                   on_text: Callable[[str], Any] | None = None) -> Completion:
+    """Start ``n`` peer processes of ``model`` on 127.0.0.1, run one generation of ``body`` (the
+    native endpoint's fields) on rank 0, calling ``on_text(piece)`` as text streams, stop them
+    all, and return the generation. ``threads``: per peer (default: the cores shared out)."""
     from ringllm.client import connect
 
-    n = args.peers
     if n < 1:
         raise ConfigError(f"--peers must be at least 1, got {n}")
-    model = str(resolve_model(args.model, progress=lambda m: print(f"ringllm: {m}", file=sys.stderr)))
-    threads = args.threads or default_threads(n)
+    model = str(resolve_model(model, progress=lambda m: print(f"ringllm: {m}", file=sys.stderr)))
+    threads = threads or default_threads(n)
     with tempfile.TemporaryDirectory(prefix="ringllm-local-") as tmp:
         ring_path = Path(tmp) / "ring.toml"
         ring_path.write_text(init_ring_toml(n, model=model))
@@ -222,15 +231,12 @@ def run_local_ring(args: argparse.Namespace) -> int:
         procs = [_spawn_peer(ring_path, r, threads, Path(tmp)) for r in range(n)]
         try:
             _wait_healthy(cfg, procs, Path(tmp))
-            body = _body_from_args(args)
 
-            async def go():
+            async def go() -> Completion:
                 async with connect(f"127.0.0.1:{cfg.peers[0].http_port}") as client:
-                    return await client.complete(on_text=None if args.json else _stream, **body)
+                    return await client.complete(on_text=on_text, **body)
 
-            from ringllm.cli import print_completion
-
-            return print_completion(args, asyncio.run(go()))
+            return asyncio.run(go())
         finally:
             _stop(procs)
 
@@ -286,15 +292,3 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
             p.wait()
 
-
-def _stream(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
-
-
-def _body_from_args(args: argparse.Namespace) -> dict:
-    body = {"prompt": args.prompt, "raw": args.raw, "system": args.system, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
-            "seed": args.seed, "max_tokens": args.max_tokens, "stop": args.stop or None,
-            "ignore_eos": args.ignore_eos, "top_logprobs": args.top_logprobs}
-    return body

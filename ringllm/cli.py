@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ringllm.errors import RingError
+from ringllm.ring.config import KERNEL_FAMILIES
 
 if TYPE_CHECKING:  # the CLI imports what a command needs when it runs: `ringllm --help` stays fast
     from ringllm.generation import Completion
@@ -95,12 +96,12 @@ def cmd_local(args: argparse.Namespace) -> int:
         from ringllm.launch import run_local_ring
 
         done = run_local_ring(args.peers, args.model, args.threads, body_from_args(args),
-                              on_text=None if args.json else _stream)
+                              on_text=None if args.json else _stream, kernels=args.kernels)
         return print_completion(args, done)
     from ringllm.generation import LocalEngine, collect
     from ringllm import runtime
 
-    runtime.set_threads(args.threads or os.cpu_count() or 1)
+    runtime.set_threads(args.threads or os.cpu_count() or 1, args.kernels, say=_progress)
     info, mf = runtime.open_model(args.model, progress=_progress)
     ids = runtime.prompt_ids(info, args.prompt, raw=args.raw, system=args.system)
     request = build_request(args, ids)
@@ -330,13 +331,18 @@ def make_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("local", help="start an N-peer ring on 127.0.0.1 and stream one reply")
     pl.add_argument("--peers", type=int, default=1)
+    pl.add_argument("--kernels", choices=KERNEL_FAMILIES, default="auto",
+                    help="compiled (numba) or numpy kernels; auto: numba where it imports (default)")
     add_generation_flags(pl)
     pl.set_defaults(func=cmd_local)
 
     pe = sub.add_parser("peer", help="run one peer of the ring described by ring.toml")
     pe.add_argument("--ring", required=True, help="path to ring.toml")
     pe.add_argument("--rank", type=int, required=True, help="this peer's position in ring.toml")
-    pe.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    pe.add_argument("--threads", type=int, default=None,
+                    help="compute threads (default: the cores shared out among ring.toml's peers on this host)")
+    pe.add_argument("--kernels", choices=KERNEL_FAMILIES, default=None,
+                    help="compiled (numba) or numpy kernels (default: ring.toml's kernels, itself auto)")
     pe.add_argument("-v", "--verbose", action="store_true")
     pe.set_defaults(func=cmd_peer)
 

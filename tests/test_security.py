@@ -166,7 +166,8 @@ def _claims(ring: Ring, rank: int, model: Path) -> HandshakeInfo:
     info, mf = runtime.open_model(str(model))
     mf.close()
     return HandshakeInfo(ring=ring.cfg.name, rank=rank, size=ring.cfg.size, model=info.fingerprint,
-                         plan=runtime.make_plan(info, ring.cfg.weights).digest(), config=ring_config_claim(ring.cfg))
+                         plan=runtime.make_plan(info, ring.cfg.weights).digest(),
+                         config=ring_config_claim(ring.cfg, "numba"))  # the peers run auto: numba here
 
 
 async def _greedy(addr: str, ssl_ctx: ssl.SSLContext | None = None) -> list[int]:
@@ -337,7 +338,7 @@ async def test_protocol_version_and_wrong_rank_are_refused_precisely(tiny_ring):
 
 
 # -- mismatched peers joining (a restarted peer with the wrong file) -------------------------------
-@pytest.mark.parametrize("what", ["model", "ring.toml"])
+@pytest.mark.parametrize("what", ["model", "ring.toml", "kernels"])
 def test_a_restarted_peer_with_a_different_model_or_ring_toml_is_refused_then_the_right_one_joins(
         what, tmp_path, tiny_model_path):
     from ringllm.ring.config import free_ports
@@ -352,6 +353,10 @@ def test_a_restarted_peer_with_a_different_model_or_ring_toml_is_refused_then_th
             other_model = _tiny(tmp_path / "other.gguf", seed=1)
             bad.write_text(ring_toml(3, str(tiny_model_path), models={1: str(other_model)}, **kw))
             expect = r"peer rank [12] has model fingerprint \w+\.\. but we have \w+\.\. \(a different model file\)"
+        elif what == "kernels":  # the others run auto, numba here: sums in another order
+            bad.write_text(ring_toml(3, str(tiny_model_path), extra='kernels = "numpy"', **kw))
+            expect = (r"peer rank [12] runs a different ring configuration: its ring.toml has kernels = "
+                      r"\W?(numpy|numba)\W? but ours has \W?(numba|numpy)")
         else:
             bad.write_text(ring_toml(3, str(tiny_model_path), extra="max_batch = 4", **kw))
             expect = (r"peer rank [12] runs a different ring configuration: its ring.toml has max_batch = (4|16) "

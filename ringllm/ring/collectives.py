@@ -40,13 +40,14 @@ import numpy as np
 from ringllm.errors import LocalProtocolError, RemoteProtocolError, RingError
 from ringllm.ring.codec import CODECS, QK8_0, Codec, hadamard_rotate
 from ringllm.ring.links import JOIN_MAX, RingLinks
-from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, chunks, exchange_plan, segments
+from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, chunks, exchange_plan, segments, want
 from ringllm.ring.tcp import BlockingLink, lend_ring, take_back_ring
 from ringllm.ring.wire import Frame, encode_head
 
 __all__ = ["CHUNK_ELEMS", "SMALL_MAX_ELEMS", "Collectives"]
 
 F32 = np.dtype(np.float32)
+_EXACT = CODECS["f32"]  # the codec of allreduce(exact=True)
 
 # Largest all-reduce (in float32 elements) that uses the exchange algorithm, per ring size.
 # Measured with bench/allreduce.py on 127.0.0.1 (docs/protocol.md, "Crossover"): for P=2 the
@@ -141,9 +142,11 @@ class Collectives:
         x = _contiguous(x, F32)
         if self.size == 1:
             return x.copy()
-        codec = CODECS["f32"] if exact else self.codec
-        flat = _to_wire_domain(x, codec)
-        return _from_wire_domain(await self._run(self._allreduce_program(flat.size), flat, codec), x, codec)
+        codec = _EXACT if exact else self.codec
+        if codec.rotate:  # sum in the rotated domain (see hadamard_rotate)
+            flat = hadamard_rotate(x.reshape(-1))
+            return hadamard_rotate(await self._run(self._allreduce_program(flat.size), flat, codec))[: x.size].reshape(x.shape)
+        return (await self._run(self._allreduce_program(x.size), x.reshape(-1), codec)).reshape(x.shape)
 
     async def allgather(self, x: np.ndarray) -> list[np.ndarray]:
         """Every peer's array, indexed by rank (exact bytes; shapes/dtypes may differ by rank).
@@ -224,9 +227,11 @@ class Collectives:
         x = _contiguous(x, F32)
         if self.size == 1:
             return x.copy()
-        codec = CODECS["f32"] if exact else self.codec
-        flat = _to_wire_domain(x, codec)
-        return _from_wire_domain(self._run_lent(self._allreduce_program(flat.size), flat, codec), x, codec)
+        codec = _EXACT if exact else self.codec
+        if codec.rotate:  # as allreduce() does it
+            flat = hadamard_rotate(x.reshape(-1))
+            return hadamard_rotate(self._run_lent(self._allreduce_program(flat.size), flat, codec))[: x.size].reshape(x.shape)
+        return self._run_lent(self._allreduce_program(x.size), x.reshape(-1), codec).reshape(x.shape)
 
     def allgather_sync(self, x: np.ndarray) -> list[np.ndarray]:
         """:meth:`allgather` from a worker thread (see :meth:`allreduce_sync`)."""
@@ -290,10 +295,10 @@ class Collectives:
             seq = self.seq
             steps = program(*args)
             try:
-                want = next(steps)
+                wanted = next(steps)
                 while True:
-                    link = links[want.side]
-                    want = steps.send(check_frame(link.peer, await link.recv(), seq, want))
+                    link = links[wanted.side]
+                    wanted = steps.send(check_frame(link.peer, await link.recv(), seq, wanted))
             except StopIteration as stop:
                 result = stop.value
             if self._must_drain() or self._borrowed:
@@ -319,16 +324,17 @@ class Collectives:
             seq = self.seq
             spin_until = time.perf_counter() + SPIN_SECONDS if self.spin else 0.0
             steps = program(*args)
+            send = steps.send
             try:
-                want = next(steps)
+                wanted = next(steps)
                 while True:
-                    link = links[want.side]
-                    if want.head is not None:
-                        payload = link.recv_expected(want.head, want.nbytes, spin_until)
+                    link = links[wanted.side]
+                    if wanted.head is not None:
+                        payload = link.recv_expected(wanted.head, wanted.nbytes, spin_until)
                         if payload is not None:
-                            want = steps.send(Frame("coll", want.header, payload))  # type: ignore[arg-type]
+                            wanted = send(Frame("coll", wanted.header, payload))  # type: ignore[arg-type]
                             continue
-                    want = steps.send(check_frame(link.peer, link.recv_now(), seq, want))
+                    wanted = send(check_frame(link.peer, link.recv_now(), seq, wanted))
             except StopIteration as stop:
                 return stop.value
             # Lent writes are complete when write returns: nothing to drain.
@@ -381,8 +387,9 @@ class Collectives:
         heads: list[bytes] = []
         headers: list[dict[str, Any]] = []
         if nbytes is not None and nbytes <= JOIN_MAX:  # far below any frame size limit
-            headers = [{**hdr, "i": i} for i in range(self.size // 2)]
-            heads = [encode_head("coll", h, nbytes) for h in headers]
+            for i in range(self.size // 2):
+                headers.append({**hdr, "i": i})
+                heads.append(encode_head("coll", headers[i], nbytes))
             io[NEXT].write_head(heads[0], payload)
             if self.size > 2:
                 io[PREV].write_head(heads[0], payload)
@@ -393,7 +400,8 @@ class Collectives:
         got: list[tuple[str, Frame] | None] = [None] * self.size
         for hop in exchange_plan(self.rank, self.size):
             i = hop.index
-            frame = yield Want(hop.side, op, i, n, nbytes, *((heads[i], headers[i]) if heads else ()))
+            frame = yield (want(hop.side, op, i, n, nbytes, heads[i], headers[i]) if heads
+                           else want(hop.side, op, i, n, nbytes))
             got[hop.origin] = io[hop.side].peer, frame
             if hop.forward:
                 out = io[1 - hop.side]
@@ -409,12 +417,16 @@ class Collectives:
     def _allreduce_exchange(self, x: np.ndarray, codec: Codec) -> Program:
         n = x.size
         payload = x if codec.exact else codec.encode(x)
-        if codec.exact:
-            self._borrow(x)
+        if codec.exact and x.nbytes > BORROW_MAX:
+            self._borrowed = True  # see BORROW_MAX
         got = yield from self._exchange("ar", {"n": n}, payload, n=n, nbytes=codec.nbytes(n))
-        vals = [None if g is None else codec.decode(g[1].payload, n) for g in got]
+        decode = codec.decode
+        vals: list[Any] = [None] * self.size
+        for r, g in enumerate(got):
+            if g is not None:
+                vals[r] = decode(g[1].payload, n)
         # The sender uses exactly what the others decode (for an exact codec, its own array).
-        vals[self.rank] = x if codec.exact else codec.decode(payload, n)
+        vals[self.rank] = x if codec.exact else decode(payload, n)
         acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1
         for v in vals[2:]:
             acc += v
@@ -442,7 +454,7 @@ class Collectives:
             send(encode(x[a:b]))
         for s in range(p - 1):
             for a, b in chunked[(r - 1 - s) % p]:
-                frame = yield Want(PREV, "rr", got, n, nbytes(b - a))
+                frame = yield want(PREV, "rr", got, n, nbytes(b - a))
                 got += 1
                 acc = decode(frame.payload, b - a) + x[a:b]
                 payload = encode(acc)
@@ -452,7 +464,7 @@ class Collectives:
         # All-gather: step t, we receive segment (r-t) from its owner's side and pass it on.
         for t in range(p - 1):
             for a, b in chunked[(r - t) % p]:
-                frame = yield Want(PREV, "rr", got, n, nbytes(b - a))
+                frame = yield want(PREV, "rr", got, n, nbytes(b - a))
                 got += 1
                 out[a:b] = decode(frame.payload, b - a)
                 if t < p - 2:
@@ -486,7 +498,7 @@ class Collectives:
         else:
             side, dst, forward = NEXT, prv, self.size - dist < ccw
         src = self._io[side].peer
-        first = yield Want(side, "bc", 0)
+        first = yield want(side, "bc", 0)
         h = first.header
         nb = h.get("nb")
         if not isinstance(nb, int) or not 0 <= nb <= MAX_BCAST_BYTES:
@@ -504,21 +516,8 @@ class Collectives:
             i += 1
             if pos == nb:
                 break
-            frame = yield Want(side, "bc", i)
+            frame = yield want(side, "bc", i)
         return _array_from(src, Frame("coll", h, memoryview(buf)))
-
-
-def _to_wire_domain(x: np.ndarray, codec: Codec) -> np.ndarray:
-    """The flat vector an all-reduce sums: Hadamard-rotated for a rotating codec (sums commute
-    with the rotation, which spreads outlier channels before 8-bit rounding)."""
-    return hadamard_rotate(x.reshape(-1)) if codec.rotate else x.reshape(-1)
-
-
-def _from_wire_domain(flat: np.ndarray, x: np.ndarray, codec: Codec) -> np.ndarray:
-    """The all-reduced ``flat`` back in ``x``'s domain and shape."""
-    if codec.rotate:
-        flat = hadamard_rotate(flat)[: x.size]
-    return flat.reshape(x.shape)
 
 
 def _contiguous(x: Any, dtype: np.dtype | None = None) -> np.ndarray:

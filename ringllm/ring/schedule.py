@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from ringllm.errors import RemoteProtocolError
 from ringllm.ring.wire import Frame
 
-__all__ = ["NEXT", "PREV", "Hop", "Want", "check_frame", "chunks", "exchange_plan", "segments"]
+__all__ = ["NEXT", "PREV", "Hop", "Want", "check_frame", "chunks", "exchange_plan", "segments", "want"]
 
 NEXT, PREV = 0, 1  # a peer's two links, as indices into (next, prev)
 
@@ -63,6 +63,16 @@ class Want(NamedTuple):
     nbytes: int | None = None
     head: bytes | None = None
     header: dict[str, Any] | None = None
+
+
+def want(side: int, op: str, i: int, n: int | None = None, nbytes: int | None = None,
+         head: bytes | None = None, header: dict[str, Any] | None = None) -> Want:
+    """``Want(...)`` at a fifth of the cost of the NamedTuple's generated ``__new__`` (0.2 vs
+    0.9 us on the bench box): the lent all-reduce makes one per frame on its hot path."""
+    return _new_tuple(Want, (side, op, i, n, nbytes, head, header))
+
+
+_new_tuple = tuple.__new__
 
 
 def check_frame(peer: str, frame: Frame, seq: int, want: Want) -> Frame:

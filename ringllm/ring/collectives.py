@@ -17,9 +17,13 @@ All-reduce algorithms (chosen by message size, identically on every peer):
   order starting at rank j; its final owner (rank j-1) sends the result's bytes on unchanged.
 
 Both give bit-identical results on every peer.  With ``wire="q8_0"`` vectors travel as GGML
-Q8_0 blocks, a pass over the value and one over its rounding error (see
-:func:`quantize_q8_0_residual`), and every peer, the sender included, uses the dequantized
-values; the ring algorithm requantizes partial sums at each hop (P-1 roundings instead of 1).
+Q8_0 blocks, a pass over the value and one over its rounding error (see ``codec.py``), and
+every peer, the sender included, uses the dequantized values; the ring algorithm requantizes
+partial sums at each hop (P-1 roundings instead of 1).
+
+Each collective is written once, as a program (see ``Program``) that two drivers run: on the
+event loop over the links' ``recv`` coroutines, or in a worker thread over links lent to it
+(blocking socket I/O, see :meth:`Collectives.lend_to_thread`).
 
 Error contract: a collective that raises (PeerLostError, RemoteProtocolError, timeout) or is
 cancelled leaves the ring out of step; the object then refuses every later call with the same

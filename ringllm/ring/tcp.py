@@ -251,10 +251,11 @@ class Pump:
 class BlockingLink:
     """A lent :class:`TcpLink`, driven synchronously by one worker thread.
 
-    Same API as :class:`Link` but ``recv`` never suspends (it blocks the thread in ``poll``), so
-    a collective's coroutine can be run to completion in the thread with no event-loop round
-    trip: this removes the two cross-thread wake-ups per call of ``run_coroutine_threadsafe``.
-    Shares the link's decoder and inbox, so no byte or frame is lost across a loan.  While lent,
+    ``write``/``write_head`` send whole frames and ``recv_now``/``recv_expected`` block the
+    thread (in ``poll``), so the collectives' lent driver runs a whole collective in the thread
+    with no event-loop round trip: this removes the two cross-thread wake-ups per call of
+    ``run_coroutine_threadsafe``.  Decodes into the link's own decoder and inbox (through
+    ``Link``'s receive-side methods), so no byte or frame is lost across a loan.  While lent,
     pings are not answered (any frame keeps a neighbour's keepalive happy) and errors raise at
     once; :meth:`TcpLink.take_back` turns them into the link's failure.
 
@@ -262,8 +263,6 @@ class BlockingLink:
     (:meth:`ping_from_loop`) while the thread computes; a ping the kernel took only in part
     leaves its ``tail``, which the next writer sends first.
     """
-
-    paused = False
 
     def __init__(self, link: TcpLink, sock: socket.socket, pump: Pump) -> None:
         self.link, self.sock, self.pump = link, sock, pump
@@ -322,17 +321,6 @@ class BlockingLink:
         finally:
             self.wlock.release()
 
-    async def send(self, kind: str, header: dict[str, Any] | None = None,
-                   payload: Any = None) -> None:
-        self.write(kind, header, payload)
-
-    async def drain(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    async def flush(self, timeout: float | None = None) -> None:
-        await self.drain()  # sends complete before write() returns
-
     def _sendall(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         deadline = 0.0
@@ -346,10 +334,6 @@ class BlockingLink:
             except OSError as exc:
                 raise self.lost(f"connection error: {exc!r}") from None
             view = view[n:]
-
-    async def recv(self, timeout: float | None = None) -> Frame:
-        """Blocking in disguise: returns without ever suspending (see the class docstring)."""
-        return self.recv_now(timeout)
 
     def recv_now(self, timeout: float | None = None) -> Frame:
         """The next frame, blocking the thread (deadline ``timeout`` or the link's recv timeout)."""

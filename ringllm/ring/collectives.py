@@ -392,7 +392,7 @@ class Collectives:
         headers: list[dict[str, Any]] = []
         if nbytes is not None and nbytes <= JOIN_MAX:  # far below any frame size limit
             for i in range(self.size // 2):
-                headers.append({**hdr, "i": i})
+                headers.append({**hdr, "i": i} if i else hdr)
                 heads.append(encode_head("coll", headers[i], nbytes))
             io[NEXT].write_head(heads[0], payload)
             if self.size > 2:

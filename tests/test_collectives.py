@@ -526,3 +526,14 @@ def test_caller_buffer_reuse_is_safe_under_uvloop():
         outs = runner.run(main())
     assert outs[0].tobytes() == outs[1].tobytes()
     assert outs[0][0] == 3.0
+
+
+@pytest.mark.parametrize("wire", ["f32", "q8_0"])
+async def test_empty_allreduce_on_the_exchange(wire):
+    """An empty vector still makes a frame each way: its payload (an empty block array under
+    q8_0, whose shape has a zero) is sent as zero bytes, not refused by memoryview.cast."""
+    colls, rings = make(3, wire, "exchange")
+    outs = await run_all(colls, lambda r, c: c.allreduce(np.zeros(0, np.float32)))
+    assert all(o.shape == (0,) and o.dtype == np.float32 for o in outs)
+    for ring in rings:
+        ring.close()

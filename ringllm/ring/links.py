@@ -26,7 +26,7 @@ import time
 from typing import Any, Protocol
 
 from ringllm.errors import LocalProtocolError, PeerLostError, RemoteProtocolError, RingError
-from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
+from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, as_bytes_view, encode_frame
 
 __all__ = ["DEFAULT_RECV_TIMEOUT", "Lent", "Link", "RingLinks", "goodbye_error", "write_chunks"]
 
@@ -315,7 +315,7 @@ class Link:
         for ``payload`` (a flat bytes-like); as :meth:`write` otherwise."""
         if self._error is not None:
             raise self._error
-        view = memoryview(payload).cast("B")
+        view = as_bytes_view(payload)
         self.last_tx = time.monotonic()
         self.bytes_sent += len(head) + view.nbytes
         self._write_buffers(head, view)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ringllm.errors import LocalProtocolError, PeerLostError, RemoteProtocolError
 from ringllm.ring.links import Link, RingLinks, goodbye_error, write_chunks
-from ringllm.ring.wire import Frame, encode_frame, encode_frame_bytes
+from ringllm.ring.wire import Frame, as_bytes_view, encode_frame, encode_frame_bytes
 
 __all__ = ["BlockingLink", "Pump", "StreamLink", "TcpLink", "lend_ring", "take_back_ring"]
 
@@ -287,7 +287,7 @@ class BlockingLink:
 
     def write_head(self, head: bytes, payload: Any) -> None:
         """Send one frame whose prefix and header are already encoded (``wire.encode_head``)."""
-        self.write_encoded(*write_chunks(head, memoryview(payload).cast("B")))
+        self.write_encoded(*write_chunks(head, as_bytes_view(payload)))
 
     def write_encoded(self, *chunks: bytes | memoryview) -> None:
         """Send one frame already encoded (by ``wire.encode_frame``), in one or more chunks."""

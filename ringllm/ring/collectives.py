@@ -332,11 +332,12 @@ class Collectives:
             try:
                 wanted = next(steps)
                 while True:
-                    link = links[wanted.side]
-                    if wanted.head is not None:
-                        payload = link.recv_expected(wanted.head, wanted.nbytes, spin_until)
+                    side, _, _, _, nbytes, head, header = wanted
+                    link = links[side]
+                    if head is not None:
+                        payload = link.recv_expected(head, nbytes, spin_until)
                         if payload is not None:
-                            wanted = send(Frame("coll", wanted.header, payload))  # type: ignore[arg-type]
+                            wanted = send(Frame("coll", header, payload))  # type: ignore[arg-type]
                             continue
                     wanted = send(check_frame(link.peer, link.recv_now(), seq, wanted))
             except StopIteration as stop:
@@ -402,13 +403,12 @@ class Collectives:
             if self.size > 2:
                 io[PREV].write("coll", hdr, payload)
         got: list[tuple[str, Frame] | None] = [None] * self.size
-        for hop in exchange_plan(self.rank, self.size):
-            i = hop.index
-            frame = yield (want(hop.side, op, i, n, nbytes, heads[i], headers[i]) if heads
-                           else want(hop.side, op, i, n, nbytes))
-            got[hop.origin] = io[hop.side].peer, frame
-            if hop.forward:
-                out = io[1 - hop.side]
+        for side, origin, i, forward in exchange_plan(self.rank, self.size):
+            frame = yield (want(side, op, i, n, nbytes, heads[i], headers[i]) if heads
+                           else want(side, op, i, n, nbytes))
+            got[origin] = io[side].peer, frame
+            if forward:
+                out = io[1 - side]
                 if heads:
                     out.write_head(heads[i + 1], frame.payload)
                 else:

@@ -16,7 +16,8 @@ import numpy as np
 from ringllm.errors import RequestError
 from ringllm.model import KVCache, Segment, Transformer
 from ringllm.sampling import Choice, Gather, SamplingParams, choose, single_gather
-from ringllm.tokenizer import StopMatcher, StreamDecoder, Tokenizer
+from ringllm.stops import StopMatcher
+from ringllm.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass(frozen=True)

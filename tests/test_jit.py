@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 from hypothesis import given, strategies as st
 
 from ringllm.errors import ModelError, UnsupportedError
-from ringllm.ops import jit, quant
+from ringllm.ops import jit, jit_matrix, quant
 from ringllm.ops.kernels import Kernels, choose
 from tests.test_quant import (ALL, GQUANTIZE, SETTINGS, amplitude, cases, check_close, make_raw, oracle,
                               same_bits)
@@ -43,7 +43,7 @@ def test_against_gguf(case, n):
     rng = np.random.default_rng(seed)
     raw = make_raw(qtype, rows, cols, mode, rng)
     w = oracle(qtype, raw, rows, cols)
-    m = jit.JitMatrix.from_raw(qtype, raw, rows, cols)
+    m = jit_matrix.JitMatrix.from_raw(qtype, raw, rows, cols)
     assert (m.qtype, m.rows, m.cols) == (qtype, rows, cols)
     assert same_bits(m.dequantize(), w)
     idx = rng.integers(-rows, rows, 7)
@@ -71,7 +71,7 @@ def test_every_type_and_path_against_gguf_and_numpy(qtype):
     raw = make_raw(qtype, rows, cols, "random" if qtype not in GQUANTIZE else "normal", rng)
     w = oracle(qtype, raw, rows, cols)
     amp = amplitude(qtype, raw, rows, cols)
-    mj = jit.JitMatrix.from_raw(qtype, raw, rows, cols)
+    mj = jit_matrix.JitMatrix.from_raw(qtype, raw, rows, cols)
     mq = quant.QuantMatrix.from_raw(qtype, raw, rows, cols)
     for xs in _products(mj, rng, cols):
         ref = xs.astype(np.float64) @ w.T.astype(np.float64)
@@ -87,7 +87,7 @@ def test_threads_bit_identical(qtype):
     """Threads split fixed blocks of rows, so the thread count never changes a result."""
     rng = np.random.default_rng(7)
     rows, cols = 301, 512
-    m = jit.JitMatrix.from_raw(qtype, make_raw(qtype, rows, cols, "random", rng), rows, cols)
+    m = jit_matrix.JitMatrix.from_raw(qtype, make_raw(qtype, rows, cols, "random", rng), rows, cols)
     xs = _products(m, rng, cols)
     one = [m.matmul(x) for x in xs]
     numba.set_num_threads(2)
@@ -99,7 +99,7 @@ def test_concurrent_callers():
     """Several Python threads in parallel kernels at once (two peers in one process, the
     pipelined prefill): numba's OpenMP layer allows it; results stay the same."""
     rng = np.random.default_rng(3)
-    mats = [jit.JitMatrix.from_raw(qt, make_raw(qt, 300, 512, "random", rng), 300, 512)
+    mats = [jit_matrix.JitMatrix.from_raw(qt, make_raw(qt, 300, 512, "random", rng), 300, 512)
             for qt in (QT.Q4_1, QT.Q5_0, QT.Q8_0, QT.Q6_K)]
     xs = [rng.standard_normal((n, 512)).astype(np.float32) for n in (1, 3, 1, 20)]
     want = [m.matmul(x) for m, x in zip(mats, xs)]
@@ -124,7 +124,7 @@ HELD = {QT.Q4_0: 20 / 18, QT.Q4_1: 24 / 20, QT.Q5_0: 24 / 22, QT.Q5_1: 28 / 24, 
 def test_memory_per_gguf_byte(qtype):
     rows, cols = 64, 1024
     raw = make_raw(qtype, rows, cols, "random", np.random.default_rng(0))
-    m = jit.JitMatrix.from_raw(qtype, raw, rows, cols)
+    m = jit_matrix.JitMatrix.from_raw(qtype, raw, rows, cols)
     assert m.nbytes / raw.nbytes == pytest.approx(HELD[qtype], rel=1e-6)
     assert m.nbytes <= 1.35 * raw.nbytes
 
@@ -135,7 +135,7 @@ def test_holds_no_reference_to_raw(tmp_path):
     path = tmp_path / "w.bin"
     raw.tofile(path)
     mm = np.memmap(path, np.uint8, "r", shape=raw.shape)
-    m = jit.JitMatrix.from_raw(QT.Q5_K, mm[10:50], 40, 256)
+    m = jit_matrix.JitMatrix.from_raw(QT.Q5_K, mm[10:50], 40, 256)
     for v in vars(m).values():
         if isinstance(v, np.ndarray):
             assert not np.shares_memory(v, mm)
@@ -154,7 +154,7 @@ def test_rows_done_reports_copied_rows_in_order():
         seen.append(r)
         raw[:r] = 0  # the caller may drop these now; a later read of them would be wrong
 
-    m = jit.JitMatrix.from_raw(QT.Q8_0, raw, 2000, 256, rows_done=done)
+    m = jit_matrix.JitMatrix.from_raw(QT.Q8_0, raw, 2000, 256, rows_done=done)
     assert len(seen) > 1 and seen == sorted(seen) and seen[-1] == 2000
     assert same_bits(m.dequantize(), want)
 
@@ -162,7 +162,7 @@ def test_rows_done_reports_copied_rows_in_order():
 def test_column_slice_of_raw():
     rng = np.random.default_rng(1)
     raw = make_raw(QT.Q4_K, 30, 1024, "random", rng)
-    m = jit.JitMatrix.from_raw(QT.Q4_K, raw[:, 144:432], 30, 512)
+    m = jit_matrix.JitMatrix.from_raw(QT.Q4_K, raw[:, 144:432], 30, 512)
     assert same_bits(m.dequantize(), oracle(QT.Q4_K, raw, 30, 1024)[:, 256:768])
 
 
@@ -171,27 +171,27 @@ def test_half_floats_special_values():
     h = np.array([0, 0x8000, 1, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF,
                   0x3555, 0xC000, 0x0200, 0x8200, 0x1234, 0x9234], np.uint16)
     raw = np.tile(h, (3, 2)).view(np.uint8)
-    m = jit.JitMatrix.from_raw(QT.F16, raw, 3, 32)
+    m = jit_matrix.JitMatrix.from_raw(QT.F16, raw, 3, 32)
     want = np.tile(h.view(np.float16).astype(np.float32), (3, 2))
     assert same_bits(m.dequantize(), want)
     check_close(m.matvec(np.ones(32, np.float32)), want.astype(np.float64).sum(axis=1),
                 np.abs(want).astype(np.float64).sum(axis=1))
     bf = np.array([0, 0x8000, 1, 0x8001, 0x007F, 0x0080, 0x3F80, 0xBF80, 0x7F7F, 0xFF7F,
                    0x4049, 0xC000, 0x0040, 0x8040, 0x1234, 0x9234], np.uint16)
-    mb = jit.JitMatrix.from_raw(QT.BF16, np.tile(bf, (2, 2)).view(np.uint8), 2, 32)
+    mb = jit_matrix.JitMatrix.from_raw(QT.BF16, np.tile(bf, (2, 2)).view(np.uint8), 2, 32)
     assert same_bits(mb.dequantize(), np.tile((bf.astype(np.uint32) << 16).view(np.float32), (2, 2)))
     bad = raw.copy().view(np.uint16)
     bad[1, 5] = 0x7E00  # NaN
     with pytest.raises(ModelError, match="Inf/NaN"):
-        jit.JitMatrix.from_raw(QT.F16, bad.view(np.uint8), 3, 32)
+        jit_matrix.JitMatrix.from_raw(QT.F16, bad.view(np.uint8), 3, 32)
 
 
 def test_wrong_input():
     with pytest.raises(ModelError, match=r"Q4_1 4x64 needs uint8 raw of shape \(4, 40\)"):
-        jit.JitMatrix.from_raw(QT.Q4_1, np.zeros((4, 41), np.uint8), 4, 64)
+        jit_matrix.JitMatrix.from_raw(QT.Q4_1, np.zeros((4, 41), np.uint8), 4, 64)
     with pytest.raises(UnsupportedError, match="Q2_K"):
-        jit.JitMatrix.from_raw(QT.Q2_K, np.zeros((1, 84), np.uint8), 1, 256)
-    m = jit.JitMatrix.from_raw(QT.Q8_0, np.zeros((4, 34), np.uint8), 4, 32)
+        jit_matrix.JitMatrix.from_raw(QT.Q2_K, np.zeros((1, 84), np.uint8), 1, 256)
+    m = jit_matrix.JitMatrix.from_raw(QT.Q8_0, np.zeros((4, 34), np.uint8), 4, 32)
     with pytest.raises(ValueError, match=r"\(32,\)"):
         m.matvec(np.zeros(33, np.float32))
     with pytest.raises(ValueError, match=r"\(n, 32\)"):

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from ringllm.chat import CHATML_TEMPLATE, render_chat
 from ringllm.errors import ModelError, RequestError, UnsupportedError
-from ringllm.tokenizer import StopMatcher, StreamDecoder, Tokenizer, TokenType
+from ringllm.stops import StopMatcher
+from ringllm.tokenizer import StreamDecoder, Tokenizer, TokenType
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "smollm2-135m-q4_1.json").read_text())
 CHAT_CASES = [c for c in FIXTURE["greedy"] if c["messages"]]

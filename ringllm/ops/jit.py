@@ -46,29 +46,21 @@ count. Kernels release the GIL (``nogil``), so the asyncio loop runs beside them
 
 from __future__ import annotations
 
-from typing import Callable
-
+import numba
 import numpy as np
+from gguf import GGMLQuantizationType
 
-from ringllm.errors import ModelError
+from ringllm.fetch import cache_dir as _ringllm_cache
 
 # numba must pick a thread-safe layer before the first parallel kernel compiles: the default
 # workqueue layer aborts when two Python threads (two peers in one test process, a pipelined
 # prefill) enter parallel kernels at once. OpenMP (libgomp) is thread-safe and ships with gcc.
-import numba  # noqa: E402
-
-from ringllm.fetch import cache_dir as _ringllm_cache  # noqa: E402
-
 numba.config.THREADING_LAYER = "omp"
 # Compiled kernels are cached on disk beside ringllm's models (not in site-packages, which may
 # be read-only); must be set before the decorators below run.
 _CACHE = _ringllm_cache() / "numba"
 numba.config.CACHE_DIR = str(_CACHE)
 from numba import njit, prange  # noqa: E402
-
-from gguf import GGMLQuantizationType  # noqa: E402
-
-from ringllm.ops import quant  # noqa: E402  (the reference unpackers and type facts)
 
 QT = GGMLQuantizationType
 _F32 = np.float32
@@ -78,7 +70,7 @@ ROW_BLOCK = 16
 # With at least this many rows of x, dequantize to float32 and use BLAS sgemm (prefill).
 GEMM_MIN_N = 16
 # Prefill dequantizes this many weights at a time before each sgemm.
-_GEMM_CHUNK_WEIGHTS = 1 << 18
+GEMM_CHUNK_WEIGHTS = 1 << 18
 
 _JIT = dict(nogil=True, cache=True, fastmath=True)
 _JITP = dict(parallel=True, **_JIT)
@@ -86,10 +78,10 @@ _JITP = dict(parallel=True, **_JIT)
 _JIT_EXACT = dict(nogil=True, cache=True, parallel=True)
 
 NIB4, NIB5, BYTE, Q6 = 0, 1, 2, 3
-_FORMAT = {QT.Q4_0: NIB4, QT.Q4_1: NIB4, QT.Q4_K: NIB4,
-           QT.Q5_0: NIB5, QT.Q5_1: NIB5, QT.Q5_K: NIB5,
-           QT.Q8_0: BYTE, QT.Q6_K: Q6}
-_FLOATS = (QT.F32, QT.F16, QT.BF16)
+FORMAT = {QT.Q4_0: NIB4, QT.Q4_1: NIB4, QT.Q4_K: NIB4,
+          QT.Q5_0: NIB5, QT.Q5_1: NIB5, QT.Q5_K: NIB5,
+          QT.Q8_0: BYTE, QT.Q6_K: Q6}
+FLOATS = (QT.F32, QT.F16, QT.BF16)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -201,7 +193,7 @@ def _quad(fmt, half, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc):
 
 
 @njit(**_JITP)
-def _gemv(fmt, qs, qh, d, m, off, x, xs, out):
+def gemv(fmt, qs, qh, d, m, off, x, xs, out):
     """One row of x: y[r] = sum_g scale(sum_j c[r, g, j] x[g, j]), four rows at a time."""
     rows = d.shape[0]
     has_m = m.shape[0] == rows
@@ -277,7 +269,7 @@ def _quad2(fmt, half, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, out):
 
 
 @njit(**_JITP)
-def _gemm_small(fmt, qs, qh, d, m, off, x, xs, out):
+def gemm_small(fmt, qs, qh, d, m, off, x, xs, out):
     """A few rows of x (a decode batch): two rows of x at a time share each decoded code, the
     odd one out runs the one-row path. Every row of out is computed by the same arithmetic
     whatever n is, except that the pairing decides which sums share registers, not the order."""
@@ -338,7 +330,7 @@ def _dequant_row(fmt, half, qs, qh, d, m, has_m, off, r, out, t):
 
 
 @njit(**_JIT_EXACT)
-def _dequant_rows(fmt, qs, qh, d, m, off, r0, out):
+def dequant_rows(fmt, qs, qh, d, m, off, r0, out):
     """Rows [r0, r0 + len(out)) as float32, gguf's values bit for bit (d*(c-off), d*c + m)."""
     has_m = m.shape[0] == d.shape[0]
     for t in prange(out.shape[0]):
@@ -354,8 +346,8 @@ def _dequant_rows(fmt, qs, qh, d, m, off, r0, out):
 
 
 # F16 / BF16: widened in registers from their bits with exact power-of-two tables.
-_F16_POW = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], _F32)  # (1024 + m) * 2**(e-25)
-_BF16_POW = np.array([2.0 ** (max(e, 1) - 134) for e in range(256)], np.float64).astype(_F32)
+F16_POW = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], _F32)  # (1024 + m) * 2**(e-25)
+BF16_POW = np.array([2.0 ** (max(e, 1) - 134) for e in range(256)], np.float64).astype(_F32)
 
 
 @njit(inline="always", **_JIT)
@@ -372,7 +364,7 @@ def _half(h, kind, f16pow, bfpow):
 
 
 @njit(**_JITP)
-def _gemm_half(kind, w16, x, out, f16pow, bfpow):
+def gemm_half(kind, w16, x, out, f16pow, bfpow):
     rows, K = w16.shape
     n = x.shape[0]
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -388,194 +380,11 @@ def _gemm_half(kind, w16, x, out, f16pow, bfpow):
 
 
 @njit(**_JITP)
-def _widen_half(kind, w16, idx, out, f16pow, bfpow):
+def widen_half(kind, w16, idx, out, f16pow, bfpow):
     for t in prange(idx.shape[0]):
         r = idx[t]
         for k in range(w16.shape[1]):
             out[t, k] = _half(w16[r, k], kind, f16pow, bfpow)
-
-
-# ----------------------------------------------------------------------------- the matrix
-
-
-def _pack(fmt: int, codes: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """codes (r, cols) unsigned -> (qs, qh) in this module's layout (see the module doc)."""
-    r, cols = codes.shape
-    G = cols // gs
-    c = codes.reshape(r, G, gs).astype(np.uint32)
-    if fmt == BYTE:
-        return c.astype(np.uint8).reshape(r, cols), None
-    half = gs // 2
-    lo, hi = c[:, :, :half], c[:, :, half:]
-    qs = ((lo & 15) | ((hi & 15) << 4)).astype(np.uint8).reshape(r, G * half)
-    if fmt == NIB4:
-        return qs, None
-    bits = 1 if fmt == NIB5 else 2
-    top = c >> 4  # (r, G, gs)
-    if fmt == NIB5:  # bit j: value j's 5th bit, values 0..31 in order
-        shifts = np.arange(32, dtype=np.uint32)
-    else:  # Q6: value j < 8 at bits 2j, value 8 + j at 16 + 2j
-        shifts = np.concatenate([2 * np.arange(8), 16 + 2 * np.arange(8)]).astype(np.uint32)
-    qh = np.bitwise_or.reduce((top & ((1 << bits) - 1)) << shifts, axis=2).astype(np.uint32)
-    return qs, qh
-
-
-_EMPTY = np.zeros((0, 0), _F32)
-_EMPTY_U32 = np.zeros((0, 0), np.uint32)
-
-
-class JitMatrix:
-    """A weight matrix W (rows, cols) held for the compiled kernels. y = W @ x.
-
-    The same contract as :class:`ringllm.ops.quant.QuantMatrix` (``matvec``, ``matmul``,
-    ``rows_f32``, ``dequantize``, ``nbytes``); results agree with it to float32 rounding
-    (sums run in another order), and ``rows_f32``/``dequantize`` are gguf's values exactly.
-    """
-
-    def __init__(self, qtype, rows: int, cols: int, qs: np.ndarray, qh: np.ndarray | None,
-                 d: np.ndarray | None, m: np.ndarray | None) -> None:
-        self.qtype, self.rows, self.cols = QT(qtype), rows, cols
-        self._qs, self._qh, self._d, self._m = qs, qh, d, m
-        self._fmt = _FORMAT.get(self.qtype)
-        if self._fmt is not None:
-            codec = quant.codec(self.qtype)
-            self._gs, self._off = codec.gs, _F32(codec.offset)
-
-    # -- construction
-
-    @classmethod
-    def from_raw(cls, qtype, raw: np.ndarray, rows: int, cols: int,
-                 rows_done: Callable[[int], None] | None = None) -> "JitMatrix":
-        """raw: uint8 (rows, row_bytes) as stored in the GGUF (may be a read-only memmap view).
-        Converted in blocks of rows, so transient memory stays small; ``rows_done(r)`` is
-        called once rows [0, r) are copied. Errors as :meth:`QuantMatrix.from_raw`."""
-        quant.check_raw(qtype, raw, rows, cols)
-        qtype = QT(qtype)
-        if qtype in _FLOATS:
-            if qtype == QT.F32:
-                w = np.array(np.asarray(raw).view(_F32).reshape(rows, cols))
-            else:
-                w = np.array(np.asarray(raw).view(np.uint16).reshape(rows, cols))
-                if qtype == QT.F16 and np.any((w & 0x7C00) == 0x7C00):
-                    raise ModelError("F16 matrix holds Inf/NaN weights")
-            if rows_done is not None:
-                rows_done(rows)
-            return cls(qtype, rows, cols, w, None, None, None)
-        codec = quant.codec(qtype)
-        fmt, gs = _FORMAT[qtype], codec.gs
-        G = cols // gs
-        qs = np.empty((rows, G * (gs if fmt == BYTE else gs // 2)), np.uint8)
-        qh = np.empty((rows, G), np.uint32) if fmt in (NIB5, Q6) else None
-        d = np.empty((rows, G), _F32)
-        m = np.empty((rows, G), _F32) if codec.has_m else None
-        step = max(1, (1 << 18) // cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            codes, dr, mr = codec.unpack(np.asarray(raw[r0:r1]), cols)
-            q, h = _pack(fmt, codes, gs)
-            qs[r0:r1] = q
-            if qh is not None:
-                qh[r0:r1] = h
-            d[r0:r1] = dr
-            if m is not None:
-                m[r0:r1] = mr
-            if rows_done is not None:
-                rows_done(r1)
-        return cls(qtype, rows, cols, qs, qh, d, m)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self._qs, self._qh, self._d, self._m) if a is not None)
-
-    def __repr__(self) -> str:
-        return f"JitMatrix({self.qtype.name}, {self.rows}x{self.cols}, {self.nbytes / 2**20:.2f} MiB)"
-
-    # -- products
-
-    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """y = W @ x for x float32 (cols,); returns float32 (rows,), written to ``out`` if given."""
-        x = np.ascontiguousarray(x, dtype=_F32)
-        if x.shape != (self.cols,):
-            raise ValueError(f"matvec expects x of shape ({self.cols},), got {x.shape}")
-        if out is None:
-            out = np.empty(self.rows, _F32)
-        elif out.shape != (self.rows,) or out.dtype != _F32:
-            raise ValueError(f"out must be float32 ({self.rows},), got {out.dtype} {out.shape}")
-        self._product(x[None, :], out[None, :])
-        return out
-
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for x float32 (n, cols); returns float32 (n, rows)."""
-        x = np.ascontiguousarray(x, dtype=_F32)
-        if x.ndim != 2 or x.shape[1] != self.cols:
-            raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
-        out = np.empty((x.shape[0], self.rows), _F32)
-        if x.shape[0]:
-            self._product(x, out)
-        return out
-
-    def _product(self, x: np.ndarray, out: np.ndarray) -> None:
-        n = x.shape[0]
-        if self.qtype == QT.F32:
-            np.matmul(x, self._qs.T, out=out)
-            return
-        if self._fmt is None:  # F16 / BF16
-            _gemm_half(0 if self.qtype == QT.F16 else 1, self._qs, x, out, _F16_POW, _BF16_POW)
-            return
-        if n >= GEMM_MIN_N:
-            self._gemm_blas(x, out)
-            return
-        G = self._d.shape[1]
-        xs = x.reshape(n, G, self._gs).sum(axis=2, dtype=_F32)
-        m = self._m if self._m is not None else _EMPTY
-        qh = self._qh if self._qh is not None else _EMPTY_U32
-        if n == 1:
-            _gemv(self._fmt, self._qs, qh, self._d, m, self._off, x[0], xs[0], out[0])
-        else:
-            _gemm_small(self._fmt, self._qs, qh, self._d, m, self._off, x, xs, out)
-
-    def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
-        """Prefill: dequantize blocks of rows (compiled, threaded) and sgemm each."""
-        step = max(ROW_BLOCK, _GEMM_CHUNK_WEIGHTS // self.cols // ROW_BLOCK * ROW_BLOCK)
-        buf = np.empty((min(step, self.rows), self.cols), _F32)
-        for r0 in range(0, self.rows, step):
-            r1 = min(self.rows, r0 + step)
-            w = buf[: r1 - r0]
-            self._dequant_into(r0, w)
-            np.matmul(x, w.T, out=out[:, r0:r1])
-
-    def _dequant_into(self, r0: int, w: np.ndarray) -> None:
-        m = self._m if self._m is not None else _EMPTY
-        qh = self._qh if self._qh is not None else _EMPTY_U32
-        _dequant_rows(self._fmt, self._qs, qh, self._d, m, self._off, r0, w)
-
-    # -- dequantization
-
-    def rows_f32(self, idx: np.ndarray) -> np.ndarray:
-        """Dequantized rows W[idx] as float32 (len(idx), cols), bit-identical to gguf."""
-        idx = np.asarray(idx).reshape(-1)
-        if idx.size and (idx.min() < -self.rows or idx.max() >= self.rows):
-            raise IndexError(f"row index out of range for {self.rows} rows")
-        idx = idx.astype(np.int64) % self.rows
-        if self.qtype == QT.F32:
-            return self._qs[idx]
-        out = np.empty((len(idx), self.cols), _F32)
-        if self._fmt is None:
-            _widen_half(0 if self.qtype == QT.F16 else 1, self._qs, idx, out, _F16_POW, _BF16_POW)
-            return out
-        for t, r in enumerate(idx):  # one compiled call per row: embeddings look up a few
-            self._dequant_into(int(r), out[t:t + 1])
-        return out
-
-    def dequantize(self) -> np.ndarray:
-        """The whole matrix as float32 (rows, cols); for tests and debugging."""
-        if self.qtype == QT.F32:
-            return self._qs.copy()
-        if self._fmt is None:
-            return self.rows_f32(np.arange(self.rows))
-        out = np.empty((self.rows, self.cols), _F32)
-        self._dequant_into(0, out)
-        return out
 
 
 def cache_dir():
@@ -594,13 +403,7 @@ def cache_is_warm() -> bool:
     return _marker().is_file()
 
 
-def warm_up() -> None:
-    """Compile (or load from the on-disk cache) every kernel once, on a tiny zero matrix each."""
-    for qt in list(_FORMAT) + list(_FLOATS):
-        cols = 256
-        mat = JitMatrix.from_raw(qt, np.zeros((2, quant.row_bytes(qt, cols)), np.uint8), 2, cols)
-        for n in (1, 2, GEMM_MIN_N):
-            mat.matmul(np.ones((n, cols), _F32))
-        mat.rows_f32(np.array([0]))
+def mark_warm() -> None:
+    """Remember that this numba and this kernel source are compiled into the cache."""
     _CACHE.mkdir(parents=True, exist_ok=True)
     _marker().touch()

@@ -37,7 +37,7 @@ class Kernels:
                rows_done: Callable[[int], None] | None = None):
         """A weight matrix from its GGUF rows, held for this family's kernels."""
         if self.family == "numba":
-            from ringllm.ops.jit import JitMatrix
+            from ringllm.ops.jit_matrix import JitMatrix
 
             return JitMatrix.from_raw(qtype, raw, rows, cols, rows_done=rows_done)
         return quant.QuantMatrix.from_raw(qtype, raw, rows, cols, rows_done=rows_done)
@@ -91,7 +91,7 @@ def _load_numba(threads: int, say: Callable[[str], None]) -> None:
         return
     import numba  # noqa: F401  (ImportError here means: fall back)
 
-    from ringllm.ops import jit
+    from ringllm.ops import jit, jit_matrix
 
     if numba.config.NUMBA_NUM_THREADS < threads:
         raise ImportError(f"numba was started with {numba.config.NUMBA_NUM_THREADS} threads, "
@@ -99,7 +99,7 @@ def _load_numba(threads: int, say: Callable[[str], None]) -> None:
     t = time.perf_counter()
     if not jit.cache_is_warm():
         say("compiling kernels, first run only (about a minute or two)")
-    jit.warm_up()
+    jit_matrix.warm_up()
     took = time.perf_counter() - t
     if took > 5:
         say(f"kernels compiled in {took:.0f} s (cached in {jit.cache_dir()})")

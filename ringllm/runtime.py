@@ -13,7 +13,7 @@ import numpy as np
 from ringllm.chat import render_chat
 from ringllm.fetch import resolve_model
 from ringllm.memory import release_free_memory
-from ringllm.model import AllReduce, Transformer, identity_allreduce
+from ringllm.model import AllReduce, Transformer
 from ringllm.model_file import ModelConfig, ModelFile
 from ringllm.ops import quant
 from ringllm.shard.loader import ffn_block_size, load_shard
@@ -55,9 +55,10 @@ def make_plan(info: ModelInfo, weights: Sequence[float]) -> ShardPlan:
     return plan_shards(info.config, weights, info.ffn_block)
 
 
-def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce = identity_allreduce,
+def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce | None = None,
                max_len: int | None = None) -> Transformer:
-    """Load rank's shard out of the open file. The caller should close ``mf`` afterwards."""
+    """Load rank's shard out of the open file. The caller should close ``mf`` afterwards.
+    ``allreduce`` None: the model runs alone (see Transformer)."""
     model = Transformer(load_shard(mf, plan[rank]), allreduce, max_len=max_len)
     release_free_memory()
     return model

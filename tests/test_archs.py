@@ -2,19 +2,21 @@
 over rings of 2..4 peers, where few KV heads are replicated across peers (issue: models).
 
 The references were computed independently (transformers on the dequantized GGUF weights).
-The rings are LocalRings over in-memory links, as in test_ring.py; their greedy ids must equal
+The rings are Peers over in-memory links, built as LocalRing builds them; their greedy ids must equal
 the single peer's. Real models are large for this box: each model is loaded alone once per
 session, and rings run a few greedy steps only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
 
 import numpy as np
 import pytest
 
-import ringllm
 from ringllm.generation import LocalEngine, Request, collect
 from ringllm.model import Segment
 from ringllm.sampling import SamplingParams
@@ -25,8 +27,8 @@ pytestmark = pytest.mark.model
 GREEDY = SamplingParams(temperature=0.0)
 # Greedy steps per prompt: a decode step of qwen2.5-0.5B costs ~0.5 s on this 2-core box
 # (its 152k-row output matrix), and each ring also costs a whole model load.
-ALONE_STEPS = 16
-RING_STEPS = (5, 3)  # for the short prompt (with its first step's top-20 checked) and the long one
+ALONE_STEPS = 8
+RING_STEPS = (4, 2)  # for the short prompt (with its first step's top-20 checked) and the long one
 
 MODELS = {  # known name -> fixture
     "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-q4_k_m.json",
@@ -67,9 +69,14 @@ def check_greedy(got: list[int], case: dict) -> None:
 
 
 def greedy_alone(name: str, case: dict, steps: int) -> list[int]:
+    return list(_greedy_alone(name, tuple(case["prompt_ids"]), steps))
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_alone(name: str, prompt: tuple[int, ...], steps: int) -> tuple[int, ...]:
     info, model, _ = alone(name)
-    req = Request(tuple(case["prompt_ids"]), GREEDY, max_tokens=steps, ignore_eos=True)
-    return collect(LocalEngine(model, info.tokenizer).generate(req), req.prompt_ids).ids
+    req = Request(prompt, GREEDY, max_tokens=steps, ignore_eos=True)
+    return tuple(collect(LocalEngine(model, info.tokenizer).generate(req), req.prompt_ids).ids)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m",
@@ -86,16 +93,45 @@ def test_alone_matches_reference(name):
         check_greedy(got, case)
 
 
+@contextlib.asynccontextmanager
+async def memory_ring(name: str, peers: int):
+    """The peers of a ring over in-memory links, as LocalRing builds them, but with the model
+    file opened once for every shard and the session's tokenizer reused (LocalRing rebuilds
+    the 262k-token gemma3 tokenizer per peer: ~7 s each here)."""
+    from ringllm import runtime
+    from ringllm.model_file import ModelFile
+    from ringllm.peer import Peer
+    from ringllm.ring.links import memory_ring as links
+
+    info, _, _ = alone(name)
+    plan = runtime.make_plan(info, [1.0] * peers)
+    mf = ModelFile(info.path)
+    try:
+        models = [runtime.load_model(mf, plan, r) for r in range(peers)]
+    finally:
+        mf.close()
+    ring = [Peer(m, info, lk) for m, lk in zip(models, links(peers))]
+    tasks = [asyncio.create_task(p.run()) for p in ring]
+    try:
+        yield ring
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in ring:
+            p.links.close("test ring closed")
+
+
 async def _ring_outputs(name: str, peers: int):
-    """In a LocalRing of ``peers``: RING_STEPS greedy ids of each greedy case (asked at
-    different peers), and the top-20 log-probs of the short prompt's first step."""
+    """In a ring of ``peers``: RING_STEPS greedy ids of each greedy case (asked at different
+    peers), and the top-20 log-probs of the short prompt's first step."""
     _, _, fx = alone(name)
     greedy, first_top = [], None
-    async with ringllm.LocalRing(peers, str(model_path(name)), links="memory", http=False) as ring:
+    async with memory_ring(name, peers) as ring:
         for i, (c, steps) in enumerate(zip(fx["greedy"], RING_STEPS)):
             req = Request(tuple(c["prompt_ids"]), SamplingParams(temperature=0.0, top_logprobs=20),
                           max_tokens=steps, ignore_eos=True)
-            out = [st async for st in ring.peers[i % peers].generate(req)]
+            out = [st async for st in ring[i % peers].generate(req)]
             greedy.append([st.token for st in out])
             if i == 0:
                 first_top = dict(out[0].choice.top_logprobs)

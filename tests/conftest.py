@@ -71,7 +71,6 @@ def find_model():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "heavy: a 1.5B model test; runs only with RINGLLM_HEAVY=1 (slow here)")
     config.addinivalue_line("markers", "bench: a long model run for a benchmark session; runs only with RINGLLM_BENCH=1")
 
 
@@ -79,6 +78,6 @@ def pytest_collection_modifyitems(config, items):
     import os
 
     for item in items:
-        for mark, env in (("heavy", "RINGLLM_HEAVY"), ("bench", "RINGLLM_BENCH")):
+        for mark, env in (("bench", "RINGLLM_BENCH"),):
             if mark in item.keywords and os.environ.get(env) != "1":
                 item.add_marker(pytest.mark.skip(reason=f"{mark}: set {env}=1 to run"))

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.model
 GREEDY = SamplingParams(temperature=0.0)
 # Greedy steps per prompt: a decode step of qwen2.5-0.5B costs ~0.5 s on this 2-core box
 # (its 152k-row output matrix), and each ring also costs a whole model load.
-ALONE_STEPS = 8
+ALONE_STEPS = 6
 RING_STEPS = (4, 2)  # for the short prompt (with its first step's top-20 checked) and the long one
 
 MODELS = {  # known name -> fixture
@@ -68,15 +68,17 @@ def check_greedy(got: list[int], case: dict) -> None:
         assert case["margin"][diverge] < 0.05, f"{case['id']}: diverged at {diverge} (margin {case['margin'][diverge]})"
 
 
-def greedy_alone(name: str, case: dict, steps: int) -> list[int]:
-    return list(_greedy_alone(name, tuple(case["prompt_ids"]), steps))
-
-
 @functools.lru_cache(maxsize=None)
-def _greedy_alone(name: str, prompt: tuple[int, ...], steps: int) -> tuple[int, ...]:
-    info, model, _ = alone(name)
-    req = Request(prompt, GREEDY, max_tokens=steps, ignore_eos=True)
-    return tuple(collect(LocalEngine(model, info.tokenizer).generate(req), req.prompt_ids).ids)
+def greedy_alone(name: str) -> tuple[tuple[int, ...], ...]:
+    """The single peer's greedy ids of each greedy case: ALONE_STEPS of the short prompt,
+    RING_STEPS[1] of the long one (computed once; a ring's shorter runs are their prefixes)."""
+    info, model, fx = alone(name)
+    engine = LocalEngine(model, info.tokenizer)
+    out = []
+    for case, steps in zip(fx["greedy"], (ALONE_STEPS, RING_STEPS[1])):
+        req = Request(tuple(case["prompt_ids"]), GREEDY, max_tokens=steps, ignore_eos=True)
+        out.append(tuple(collect(engine.generate(req), req.prompt_ids).ids))
+    return tuple(out)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m", "qwen2.5-coder-1.5b"])
@@ -87,9 +89,8 @@ def test_alone_matches_reference(name):
     tol = fx["tolerances"]["logits_abs"]
     for case in fx["logits"]:
         check_top20(model.forward([Segment(model.new_cache(), np.array(case["prompt_ids"]))])[0], case, tol)
-    for i, case in enumerate(fx["greedy"]):
-        got = greedy_alone(name, case, ALONE_STEPS if i == 0 else RING_STEPS[1])
-        check_greedy(got, case)
+    for case, got in zip(fx["greedy"], greedy_alone(name)):
+        check_greedy(list(got), case)
 
 
 @contextlib.asynccontextmanager
@@ -155,4 +156,4 @@ async def test_ring_equals_single_peer_and_reference(name, peers):
     ref = np.array(case["top_logits"])
     ours = np.array([top[i] for i in case["top_ids"]])
     np.testing.assert_allclose(ours - ours[0], ref - ref[0], atol=tol)
-    assert greedy == [greedy_alone(name, c, n) for c, n in zip(fx["greedy"], RING_STEPS)]
+    assert greedy == [list(ids[:n]) for ids, n in zip(greedy_alone(name), RING_STEPS)]

@@ -37,13 +37,15 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(model_spec: str, threads: int, repeats: int, long_prompt: int) -> dict:
+def worker(model_spec: str, threads: int, repeats: int, long_prompt: int, kernels: str) -> dict:
     import numpy as np
 
     from ringllm import runtime
     from ringllm.model import Segment
 
-    runtime.set_threads(threads)
+    t0 = time.perf_counter()
+    chosen = runtime.set_threads(threads, kernels)
+    kernels_s = time.perf_counter() - t0
     info, mf = runtime.open_model(model_spec)
     model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
     mf.close()
@@ -72,6 +74,8 @@ def worker(model_spec: str, threads: int, repeats: int, long_prompt: int) -> dic
         "bench": "decode",
         "model": os.path.basename(info.path),
         "threads": threads,
+        "kernels": chosen.family,
+        "kernels_ready_s": round(kernels_s, 2),
         "decode_tok_s": round(128 / min(decode), 2),
         "prefill_tok_s": round(128 / min(prefill), 1),
         "prefill_tokens": 128,
@@ -98,20 +102,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long-prompt", type=int, default=512, help="tokens of the long prefill (0: skip it)")
+    ap.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "numba", "numpy"],
+                    help="kernel families to run; several alternate within each round")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole set, alternating families")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.model, args.worker, args.repeats, args.long_prompt)))
+        print(json.dumps(worker(args.model, args.worker, args.repeats, args.long_prompt, args.kernels[0])))
         return
     from ringllm.fetch import resolve_model
 
     resolve_model(args.model)  # fetch once, outside the timed workers
     base = baseline_rss()
-    for n in args.threads:
+    for rnd, n, fam in [(r, n, f) for r in range(args.rounds) for n in args.threads for f in args.kernels]:
         out = subprocess.check_output([sys.executable, __file__, "--model", args.model, "--repeats",
                                        str(args.repeats), "--long-prompt", str(args.long_prompt),
-                                       "--worker", str(n)])
+                                       "--kernels", fam, "--worker", str(n)])
         row = json.loads(out.decode().strip().splitlines()[-1])
+        row["round"] = rnd
         row["numpy_baseline_rss_mb"] = round(base, 1)
         row["loaded_rss_above_numpy_mb"] = round(row["loaded_rss_mb"] - base, 1)
         row["load_peak_above_numpy_mb"] = round(row["load_peak_rss_mb"] - base, 1)

@@ -1,10 +1,12 @@
 """Serving throughput of a ring of separate peer processes: one JSON line per result.
 
     python bench/serve.py [--peers 3] [--concurrency 1 4 8] [--max-tokens 64] [--api openai|native]
+                          [--temperature 0.7] [--threads N] [--model NAME_OR_PATH]
 
 Starts ``--peers`` ``ringllm peer`` processes on 127.0.0.1 (as ``ringllm local`` does), then
 for each concurrency N runs N streaming requests at once, spread round-robin over the peers,
-each generating exactly ``--max-tokens`` tokens (``ignore_eos``). Per N it reports:
+each generating exactly ``--max-tokens`` tokens (``ignore_eos``; ``--temperature``, 0 for
+greedy, seeded per stream). Per N it reports:
 
 - ``aggregate_tokens_per_s``: all streams' tokens / wall time from the first request to the
   last token (prefill included), and ``speedup``: that over the N=1 figure;
@@ -49,7 +51,7 @@ async def one_stream(session: aiohttp.ClientSession, address: str, i: int, args:
     tokens = 0
     if args.api == "openai":
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens, "stream": True,
-                "ignore_eos": True, "temperature": 0.7, "seed": i, "logprobs": True,  # logprobs: one event per token
+                "ignore_eos": True, "temperature": args.temperature, "seed": i, "logprobs": True,  # logprobs: one event per token
                 "stream_options": {"include_usage": True}}
         async with session.post(f"http://{address}/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
@@ -62,7 +64,7 @@ async def one_stream(session: aiohttp.ClientSession, address: str, i: int, args:
                 elif ev["choices"] and ev["choices"][0].get("logprobs") and first is None:
                     first = time.perf_counter()
     else:
-        body = {"prompt": prompt, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.7, "seed": i}
+        body = {"prompt": prompt, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": args.temperature, "seed": i}
         async with session.post(f"http://{address}/ringllm/v1/generate", json=body) as resp:
             resp.raise_for_status()
             async for line in resp.content:
@@ -126,6 +128,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--api", choices=["openai", "native"], default="openai")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every stream (0: greedy)")
     ap.add_argument("--threads", type=int, default=None, help="compute threads per peer (default: cores / peers)")
     args = ap.parse_args()
 

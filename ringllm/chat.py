@@ -1,5 +1,9 @@
 """Chat prompts: a model's Jinja chat template rendered the way Hugging Face transformers does.
 
+A GGUF without ``tokenizer.chat_template`` gets its family's standard template from
+:func:`default_template`: Gemma's turn format when the vocabulary has ``<start_of_turn>`` and
+``<end_of_turn>`` (the gemma-3-270m GGUF is a base model and ships none), else ChatML.
+
 Same environment as ``transformers`` (``_compile_jinja_template``): a sandboxed, immutable
 Jinja environment with ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension,
 a ``tojson`` filter that keeps non-ASCII text, the ``raise_exception`` and ``strftime_now``
@@ -10,7 +14,7 @@ globals, and a ``{% generation %}`` block that just renders its body. Templates 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -29,6 +33,34 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# Gemma 2/3's turn format (google/gemma-3-*-it): the template writes <bos> itself, so encode
+# its output without adding another BOS; "assistant" is written "model"; Gemma has no system
+# role: a system message is put before the first user turn's text, followed by a blank line;
+# each message's content is stripped of surrounding whitespace; roles must alternate.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set first = messages[0] if messages else none %}"
+    "{% if first is not none and first['role'] == 'system' %}"
+    "{% set prefix = first['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}"
+    "{% if (m['role'] == 'user') != (loop.index0 is even) %}"
+    "{{ raise_exception('Gemma conversation roles must alternate user/assistant/user/... after an optional system message') }}"
+    "{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (prefix if loop.first else '') + m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def default_template(vocabulary: Container[str]) -> str:
+    """The standard template of the model family whose `vocabulary` (token texts) this is."""
+    if "<start_of_turn>" in vocabulary and "<end_of_turn>" in vocabulary:
+        return GEMMA_TEMPLATE
+    return CHATML_TEMPLATE
 
 
 class _TemplateRaised(Exception):

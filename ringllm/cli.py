@@ -11,9 +11,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ringllm.errors import RingError
+from ringllm.ring.config import KERNEL_FAMILIES
+
+if TYPE_CHECKING:  # the CLI imports what a command needs when it runs: `ringllm --help` stays fast
+    from ringllm.generation import Completion
 
 
 def _progress(msg: str) -> None:
@@ -56,21 +60,48 @@ def build_request(args: argparse.Namespace, ids: list[int]):
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from ringllm.fetch import pull
+    from ringllm.fetch import pull, terminal_bar
 
-    print(pull(args.name, progress=_progress))
+    if args.name is None:
+        _print_known_models()
+        print("ringllm: error: give a model name to pull: ringllm pull NAME", file=sys.stderr)
+        return 2
+    print(pull(args.name, progress=_progress, bar=terminal_bar(f"ringllm: {args.name}")))
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ringllm.fetch import cache_dir, cached_files
+
+    _print_known_models()
+    files = cached_files()
+    print(f"\ncached in {cache_dir() / 'models'}:" + ("" if files else " nothing"))
+    for f in files:
+        what = f"{f.model}, verified" if f.verified else f"{f.model}, NOT verified" if f.model else "by path"
+        print(f"  {f.path.name:<44} {f.size / 1e6:>7,.0f} MB  ({what})")
+    return 0
+
+
+def _print_known_models() -> None:
+    from ringllm.fetch import DEFAULT_MODEL, KNOWN_MODELS, is_cached
+
+    print(f"{'NAME':<20} {'SIZE':>8}  CACHED  DESCRIPTION")
+    for m in KNOWN_MODELS.values():
+        default = " (default)" if m.name == DEFAULT_MODEL else ""
+        print(f"{m.name:<20} {m.size / 1e6:>5,.0f} MB  {'yes' if is_cached(m) else 'no':<6}  {m.description}{default}")
 
 
 def cmd_local(args: argparse.Namespace) -> int:
     if args.peers != 1:
         from ringllm.launch import run_local_ring
 
-        return run_local_ring(args)
+        done = run_local_ring(args.peers, args.model, args.threads, body_from_args(args),
+                              on_text=None if args.json else _stream, kernels=args.kernels)
+        return print_completion(args, done)
     from ringllm.generation import LocalEngine, collect
     from ringllm import runtime
 
-    runtime.set_threads(args.threads or os.cpu_count() or 1)
+    runtime.set_threads(args.threads or os.cpu_count() or 1, args.kernels, say=_progress)
     info, mf = runtime.open_model(args.model, progress=_progress)
     ids = runtime.prompt_ids(info, args.prompt, raw=args.raw, system=args.system)
     request = build_request(args, ids)
@@ -86,7 +117,15 @@ def _stream(piece: str) -> None:
     sys.stdout.flush()
 
 
-def print_completion(args: argparse.Namespace, done) -> int:
+def body_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The native endpoint's body for the generation flags (see add_generation_flags)."""
+    return {"prompt": args.prompt, "raw": args.raw, "system": args.system, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+            "seed": args.seed, "max_tokens": args.max_tokens, "stop": args.stop or None,
+            "ignore_eos": args.ignore_eos, "top_logprobs": args.top_logprobs}
+
+
+def print_completion(args: argparse.Namespace, done: Completion) -> int:
     if args.json:
         print(json.dumps(done.to_json(), ensure_ascii=False))
     else:
@@ -149,17 +188,14 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 async def _prompt_once(args: argparse.Namespace, address: str) -> int:
     from ringllm.client import connect
-    from ringllm.launch import _body_from_args
 
     async with connect(address, api_key=args.api_key, ssl=args.tls) as client:
-        done = await client.complete(on_text=None if args.json else _stream, **_body_from_args(args))
+        done = await client.complete(on_text=None if args.json else _stream, **body_from_args(args))
     return print_completion(args, done)
 
 
 def _chat_body(args: argparse.Namespace) -> dict:
-    from ringllm.launch import _body_from_args
-
-    body = _body_from_args(args)
+    body = body_from_args(args)
     for key in ("prompt", "raw", "system"):
         body.pop(key, None)
     return body
@@ -288,18 +324,25 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("pull", help="fetch a known model into the cache")
-    pp.add_argument("name", nargs="?", default="smollm2-135m")
+    pp.add_argument("name", nargs="?", default=None, help="a known model name (without one: list them)")
     pp.set_defaults(func=cmd_pull)
+    pm = sub.add_parser("models", help="list the known models (size, cached or not) and the cached files")
+    pm.set_defaults(func=cmd_models)
 
     pl = sub.add_parser("local", help="start an N-peer ring on 127.0.0.1 and stream one reply")
     pl.add_argument("--peers", type=int, default=1)
+    pl.add_argument("--kernels", choices=KERNEL_FAMILIES, default="auto",
+                    help="compiled (numba) or numpy kernels; auto: numba where it imports (default)")
     add_generation_flags(pl)
     pl.set_defaults(func=cmd_local)
 
     pe = sub.add_parser("peer", help="run one peer of the ring described by ring.toml")
     pe.add_argument("--ring", required=True, help="path to ring.toml")
     pe.add_argument("--rank", type=int, required=True, help="this peer's position in ring.toml")
-    pe.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    pe.add_argument("--threads", type=int, default=None,
+                    help="compute threads (default: the cores shared out among ring.toml's peers on this host)")
+    pe.add_argument("--kernels", choices=KERNEL_FAMILIES, default=None,
+                    help="compiled (numba) or numpy kernels (default: ring.toml's kernels, itself auto)")
     pe.add_argument("-v", "--verbose", action="store_true")
     pe.set_defaults(func=cmd_peer)
 

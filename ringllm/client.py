@@ -7,7 +7,7 @@
 
 Never blocks the caller's event loop: all I/O is aiohttp, and it runs under plain asyncio and
 uvloop alike. Errors: the peer's refusal is a :class:`ringllm.errors.RequestError` (4xx; a
-full queue is :class:`ringllm.peer.QueueFullError`) or :class:`RingError` (5xx) with the
+full queue is :class:`ringllm.errors.QueueFullError`) or :class:`RingError` (5xx) with the
 peer's message; a ring failure mid-stream raises :class:`PeerLostError` naming the lost peer;
 a peer that cannot be reached raises :class:`PeerLostError` naming the address. Leaving an
 iterator early (``break``) disconnects, which cancels the request on the ring.
@@ -17,15 +17,18 @@ For OpenAI-style clients, point them at :attr:`Client.openai_base_url`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl as ssl_module
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import aiohttp
 
-from ringllm.errors import PeerLostError, RequestError, RingError
-from ringllm.generation import Completion
+from ringllm.errors import PeerLostError, QueueFullError, RequestError, RingError
+
+if TYPE_CHECKING:  # generation imports the model (numpy): loaded only when a generation is collected
+    from ringllm.generation import Completion
 
 # Keyword arguments every generation method takes (None means the peer's default).
 GENERATION_PARAMS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed",
@@ -77,7 +80,7 @@ class Client:
             self._session = None
 
     async def events(self, **body: Any) -> AsyncIterator[dict[str, Any]]:
-        """Yield the NDJSON events of one generation (see :mod:`ringllm.server`).
+        """Yield the NDJSON events of one generation (see :mod:`ringllm.http.native`).
 
         ``body`` takes ``prompt`` (+ ``raw``, ``system``), ``messages`` or ``prompt_ids``, and
         the generation fields (:data:`GENERATION_PARAMS`); None values are left out. Closing
@@ -97,7 +100,7 @@ class Client:
                     if ev.get("event") == "error":
                         err = ev["error"]
                         if err.get("type") == "PeerLostError":
-                            raise _peer_lost(err["message"])
+                            raise PeerLostError.from_message(err["message"])
                         raise RingError(err["message"])
                     yield ev
         except aiohttp.ClientConnectionError as exc:
@@ -111,6 +114,8 @@ class Client:
         system message) or ``messages=[...]`` or ``prompt_ids=[...]``, plus any of
         :data:`GENERATION_PARAMS`. ``on_text(piece)`` sees the text as it streams.
         """
+        from ringllm.generation import Completion
+
         body = _body(params, prompt=prompt)
         out = Completion([])
         t0 = time.perf_counter()
@@ -170,7 +175,6 @@ async def ring_health(addresses: Sequence[str], *, timeout: float = 3.0,
     A peer that does not answer within ``timeout`` seconds (or answers garbage) gives
     ``{"error": "<why>"}`` instead; this never raises for a down peer.
     """
-    import asyncio
 
     async def one(address: str) -> dict[str, Any]:
         try:
@@ -203,24 +207,20 @@ def _body(params: dict[str, Any], **inputs: Any) -> dict[str, Any]:
 
 
 def _http_error(status: int, text: str) -> RingError:
+    param = code = None
     try:
-        msg = json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+        err = json.loads(text)["error"]
+        msg, param, code = err["message"], err.get("param"), err.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
         msg = text.strip()[:300] or f"HTTP {status}"
     if status == 429:
-        from ringllm.peer import QueueFullError
-
         return QueueFullError(msg)
     if status == 503:
-        return _peer_lost(msg)
-    return RequestError(msg) if 400 <= status < 500 else RingError(f"peer error (HTTP {status}): {msg}")
-
-
-def _peer_lost(message: str) -> PeerLostError:
-    """A PeerLostError carrying the peer's own message (which already names the lost peer)."""
-    exc = PeerLostError("ring", message)
-    exc.args = (message,)
-    return exc
+        return PeerLostError.from_message(msg)
+    if 400 <= status < 500:
+        return RequestError(msg, param=param if isinstance(param, str) else None,
+                            code=code if isinstance(code, str) else None)
+    return RingError(f"peer error (HTTP {status}): {msg}")
 
 
 def connect(address: str, *, api_key: str | None = None, timeout: float = 600.0,

@@ -28,7 +28,24 @@ class FetchError(RingError):
 
 
 class RequestError(RingError):
-    """A generation request is invalid (e.g. the prompt is longer than the context)."""
+    """A generation request is invalid (e.g. the prompt is longer than the context).
+
+    ``param`` names the request field at fault (``"stop"``, ``"messages[2].content"``) when
+    one is; ``code`` is a machine-readable reason (``"context_length_exceeded"``) or None.
+    The HTTP API reports both in its error bodies.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class QueueFullError(RequestError):
+    """The ring's waiting line is full; try again later (HTTP 429)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="queue_full")
 
 
 class ProtocolError(RingError):
@@ -48,9 +65,30 @@ class HandshakeError(RingError):
 
 
 class PeerLostError(RingError):
-    """A ring neighbour stopped answering or closed its link."""
+    """A ring neighbour stopped answering or closed its link.
 
-    def __init__(self, peer: str, reason: str) -> None:
-        super().__init__(f"lost peer {peer}: {reason}")
+    ``peer`` is the peer that was lost and ``reason`` why; the message is
+    ``"lost peer <peer>: <reason>"``. When the loss was noticed elsewhere and relayed (a
+    ``bye`` naming the lost peer), ``reporter`` is the peer that noticed it and ``cause`` its
+    own reason, without the relay's wording (what it passes on in turn); otherwise
+    ``reporter`` is None and ``cause`` is ``reason``.
+    """
+
+    PREFIX = "lost peer "
+
+    def __init__(self, peer: str, reason: str, *, reporter: str | None = None, cause: str | None = None) -> None:
+        super().__init__(f"{self.PREFIX}{peer}: {reason}")
         self.peer = peer
         self.reason = reason
+        self.reporter = reporter
+        self.cause = reason if cause is None else cause
+
+    @classmethod
+    def from_message(cls, message: str) -> "PeerLostError":
+        """The error whose message is ``message`` (as a peer's HTTP API reports it): the
+        inverse of ``str()``. A message of another form becomes the reason of a loss of
+        ``"ring"``, keeping the text whole."""
+        if message.startswith(cls.PREFIX) and ": " in message:
+            peer, reason = message[len(cls.PREFIX):].split(": ", 1)
+            return cls(peer, reason)
+        return cls("ring", message)

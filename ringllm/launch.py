@@ -16,12 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ringllm.errors import ConfigError, ModelError, RingError
 from ringllm.fetch import resolve_model, sha256_file
 from ringllm.ring.config import RingConfig, init_ring_toml, load_ring
+
+if TYPE_CHECKING:  # loaded when a command runs (the model's modules take a while to import)
+    from ringllm.generation import Completion
 
 log = logging.getLogger("ringllm.peer")
 
@@ -39,14 +44,16 @@ def may_spin(cfg: RingConfig, rank: int) -> bool:
     return sum(p.host == host for p in cfg.peers) <= len(os.sched_getaffinity(0))
 
 
-def ring_config_claim(cfg: RingConfig) -> str:
+def ring_config_claim(cfg: RingConfig, kernels: str) -> str:
     """The ring.toml settings every peer must share, as canonical JSON for the handshake.
 
     A peer started from a different ring.toml is refused with the differing key named. Left
     out: the secret (the handshake's MAC proves it), model names and paths (the model
-    fingerprint covers the file), and the per-host [http] and [tls] file paths.
+    fingerprint covers the file), and the per-host [http] and [tls] file paths. ``kernels`` is
+    the family this peer computes with (numba and numpy sum in other orders, so a mixed ring
+    would not be bit-identical): the one chosen, not ring.toml's ``auto``.
     """
-    shared = {"name": cfg.name, "wire": cfg.wire, "context_length": cfg.context_length,
+    shared = {"name": cfg.name, "wire": cfg.wire, "kernels": kernels, "context_length": cfg.context_length,
               "max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
               "heartbeat_interval": cfg.heartbeat_interval, "dead_after": cfg.dead_after,
               "tls": cfg.tls is not None, "peers": [[p.host, p.port, p.weight] for p in cfg.peers]}
@@ -63,7 +70,7 @@ def ring_timeouts(cfg: RingConfig) -> tuple[float, float]:
     return min(10.0, max(3.0, 2 * cfg.dead_after)), max(30.0, 6 * cfg.dead_after)
 
 
-async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
+async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: str | None = None,
                      listen: tuple[str, int] | None = None) -> None:
     """Load rank's shard, join the ring, serve HTTP, and drive steps until cancelled.
 
@@ -74,6 +81,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
     logged reason at any time. Raises on the first formation if a neighbour refuses us for a
     configuration mismatch (retrying cannot fix that). ``listen`` overrides the address this
     peer listens on (e.g. behind a proxy); others still connect to ring.toml's address.
+    ``kernels`` overrides ring.toml's kernel family.
     """
     from aiohttp import web
 
@@ -82,10 +90,12 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
     from ringllm.ring.handshake import HandshakeInfo
     from ringllm.ring.links import RingListener, open_tcp_ring
     from ringllm.ring.tls import http_server_context, peer_contexts
-    from ringllm.server import make_app
+    from ringllm.http.app import make_app
 
     me_cfg = cfg.peer(rank)
-    runtime.set_threads(threads)
+    chosen = runtime.set_threads(threads, kernels or cfg.kernels,
+                                 say=lambda m: log.warning("rank %d: %s", rank, m))
+    log.info("rank %d: %s kernels on %d thread(s)", rank, chosen.family, threads)
     t0 = time.perf_counter()
     path = resolve_model(cfg.model_for(rank), progress=lambda m: log.info("rank %d: %s", rank, m))
     if cfg.model_sha256 and (digest := await asyncio.to_thread(sha256_file, path)) != cfg.model_sha256:
@@ -100,7 +110,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
     log.info("rank %d: loaded shard in %.1f s: heads %s (kv %s), ffn %s, vocab %s, %.1f MB of weights",
              rank, time.perf_counter() - t0, sh.heads, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)
     me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest(),
-                       config=ring_config_claim(cfg))
+                       config=ring_config_claim(cfg, chosen.family))
     hs_timeout, recv_timeout = ring_timeouts(cfg)
     addrs = [(p.host, p.port) for p in cfg.peers]
     listener = None
@@ -135,8 +145,10 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1,
                     await _run_ring(peer, cfg)
                 except RingError as exc:
                     log.error("rank %d: ring lost: %s; re-forming", rank, exc)
-                except Exception:  # a bug in a step: requests were failed; keep the peer up
-                    log.exception("rank %d: step loop failed; re-forming the ring", rank)
+                except Exception as exc:  # a bug in a step: requests were failed; keep the peer up
+                    # The frames, and the message escaped: it may quote what a client sent.
+                    log.error("rank %d: step loop failed: %s: %s; re-forming the ring\n%s", rank, type(exc).__name__,
+                              ascii(str(exc))[:300], "".join(traceback.format_tb(exc.__traceback__)).rstrip())
                 t1 = time.monotonic()
                 peer.rebind(await form(False))
                 log.info("rank %d: ring re-formed after %.1f s", rank, time.monotonic() - t1)
@@ -179,8 +191,9 @@ def run_peer(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_ring(args.ring)
     cfg.peer(args.rank)  # a wrong rank is refused before anything loads
-    threads = args.threads or default_threads(1)
-    _run_until_signal(serve_peer(cfg, args.rank, threads=threads))
+    host = cfg.peer(args.rank).host
+    threads = args.threads or default_threads(sum(p.host == host for p in cfg.peers))
+    _run_until_signal(serve_peer(cfg, args.rank, threads=threads, kernels=args.kernels))
     return 0
 
 
@@ -206,31 +219,30 @@ async def _await(task: asyncio.Task) -> None:
 
 
 # -- ringllm local --peers N ------------------------------------------------------------------
-def run_local_ring(args: argparse.Namespace) -> int:
-    """Start N peer processes on 127.0.0.1, stream one reply from rank 0, stop them all."""
+def run_local_ring(n: int, model: str | None, threads: int | None, body: dict[str, Any],
+                   on_text: Callable[[str], Any] | None = None, kernels: str = "auto") -> Completion:
+    """Start ``n`` peer processes of ``model`` on 127.0.0.1, run one generation of ``body`` (the
+    native endpoint's fields) on rank 0, calling ``on_text(piece)`` as text streams, stop them
+    all, and return the generation. ``threads``: per peer (default: the cores shared out)."""
     from ringllm.client import connect
 
-    n = args.peers
     if n < 1:
         raise ConfigError(f"--peers must be at least 1, got {n}")
-    model = str(resolve_model(args.model, progress=lambda m: print(f"ringllm: {m}", file=sys.stderr)))
-    threads = args.threads or default_threads(n)
+    model = str(resolve_model(model, progress=lambda m: print(f"ringllm: {m}", file=sys.stderr)))
+    threads = threads or default_threads(n)
     with tempfile.TemporaryDirectory(prefix="ringllm-local-") as tmp:
         ring_path = Path(tmp) / "ring.toml"
-        ring_path.write_text(init_ring_toml(n, model=model))
+        ring_path.write_text(f'kernels = "{kernels}"\n' + init_ring_toml(n, model=model))
         cfg = load_ring(ring_path)
         procs = [_spawn_peer(ring_path, r, threads, Path(tmp)) for r in range(n)]
         try:
             _wait_healthy(cfg, procs, Path(tmp))
-            body = _body_from_args(args)
 
-            async def go():
+            async def go() -> Completion:
                 async with connect(f"127.0.0.1:{cfg.peers[0].http_port}") as client:
-                    return await client.complete(on_text=None if args.json else _stream, **body)
+                    return await client.complete(on_text=on_text, **body)
 
-            from ringllm.cli import print_completion
-
-            return print_completion(args, asyncio.run(go()))
+            return asyncio.run(go())
         finally:
             _stop(procs)
 
@@ -286,15 +298,3 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
             p.wait()
 
-
-def _stream(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
-
-
-def _body_from_args(args: argparse.Namespace) -> dict:
-    body = {"prompt": args.prompt, "raw": args.raw, "system": args.system, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
-            "seed": args.seed, "max_tokens": args.max_tokens, "stop": args.stop or None,
-            "ignore_eos": args.ignore_eos, "top_logprobs": args.top_logprobs}
-    return body

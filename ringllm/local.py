@@ -88,7 +88,7 @@ class LocalRing:
     async def _serve_http(self) -> None:
         from aiohttp import web
 
-        from ringllm.server import make_app
+        from ringllm.http.app import make_app
 
         for peer, port in zip(self.peers, free_ports(self.size)):
             runner = web.AppRunner(make_app(peer, api_key=self.api_key), access_log=None)

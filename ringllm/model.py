@@ -139,6 +139,7 @@ class Transformer:
         several kernel threads, a long batch runs pipelined (:mod:`ringllm.prefill`): its
         logits may then differ from one thread's in the last bits.
         """
+        self.w.kernels.bind()
         for seg in segments:
             seg.cache.reserve(seg.cache.length + len(seg.tokens))
         ids = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])

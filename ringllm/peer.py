@@ -5,10 +5,13 @@ How P peers agree on the work without a coordinator
 Every peer runs the same loop. A *step* is:
 
 1. **Control all-gather.** Each peer contributes its news since the last step: requests that
-   arrived at it (with ids ``"<rank>-<n>"``) and cancellations of its own requests. All peers
-   receive the same list (rank order) and apply the same rule: new requests join the waiting
-   line in (rank, arrival) order; cancelled ones leave; the waiting line's head is admitted
-   while fewer than ``max_batch`` sequences run.
+   arrived at it (with ids ``"<rank>-<n>"``), cancellations of its own requests, and sequences
+   that raised while advancing on it (``(id, exception type)``). All peers receive the same
+   list (rank order) and apply the same rule: new requests join the waiting line in (rank,
+   arrival) order; cancelled and failed ones leave (a failed one's origin reports a
+   RequestError); the waiting line's head is admitted while fewer than ``max_batch``
+   sequences run. News is a msgpack map ``{"new": [[id, wire request], ...], "cancel": [id,
+   ...], "failed": [[id, type name], ...]}`` (:mod:`ringllm.request_wire` for the requests).
 2. **Forward.** The running sequences' new tokens (a whole prompt for a new sequence, one token
    otherwise) go through the model as one batch: two all-reduces per layer.
 3. **Choose.** Every peer applies the sampling rule (:mod:`ringllm.sampling`) to its vocabulary
@@ -46,21 +49,18 @@ from typing import Any, AsyncIterator
 import msgpack
 import numpy as np
 
-from ringllm.errors import PeerLostError, RequestError, RingError
+from ringllm.errors import PeerLostError, QueueFullError, RequestError, RingError
 from ringllm.generation import Request, Sequence, Step
 from ringllm.model import Segment, Transformer
+from ringllm.request_wire import from_wire, to_wire
 from ringllm.ring.collectives import Collectives
 from ringllm.ring.links import RingLinks
 from ringllm.runtime import ModelInfo
-from ringllm.sampling import SamplingParams, choose_batch
+from ringllm.sampling import choose_batch
 
 log = logging.getLogger("ringllm.peer")
 
 _DONE = object()  # end-of-stream marker in a request's queue
-
-
-class QueueFullError(RequestError):
-    """The ring's waiting line is full; try again later."""
 
 
 @dataclass
@@ -96,16 +96,6 @@ class PeerStats:
         return d
 
 
-def request_to_wire(r: Request) -> dict[str, Any]:
-    return {"prompt_ids": list(r.prompt_ids), "sampling": asdict(r.sampling), "max_tokens": r.max_tokens,
-            "stop": list(r.stop), "ignore_eos": r.ignore_eos}
-
-
-def request_from_wire(d: dict[str, Any]) -> Request:
-    return Request(tuple(int(t) for t in d["prompt_ids"]), SamplingParams(**d["sampling"]), max_tokens=int(d["max_tokens"]),
-                   stop=tuple(d["stop"]), ignore_eos=bool(d["ignore_eos"]))
-
-
 class Peer:
     """A peer over already-open ring links with an already-loaded shard.
 
@@ -130,6 +120,7 @@ class Peer:
         self._counter = itertools.count()
         self._news_new: list[tuple[str, dict]] = []
         self._news_cancel: list[str] = []
+        self._news_failed: list[tuple[str, str]] = []  # (rid, exception type) of sequences that raised here
         self._news = asyncio.Event()
         self._outs: dict[str, asyncio.Queue] = {}
         self._waiting: list[tuple[str, int, dict]] = []
@@ -160,20 +151,23 @@ class Peer:
     async def generate(self, request: Request) -> AsyncIterator[Step]:
         """Run ``request`` on the ring; yield its Steps as they are chosen.
 
-        Raises RequestError before anything runs if the prompt does not fit the context,
+        Raises RequestError before anything runs if the prompt does not fit the context or
+        the request cannot travel the ring (:func:`ringllm.request_wire.to_wire`),
         QueueFullError if the waiting line is full, and PeerLostError (naming the peer) if the
-        ring breaks mid-request. Closing the iterator early cancels the request on every peer
-        and frees its KV cache.
+        ring breaks mid-request. A request that fails on its own (see :meth:`_step`) raises
+        RequestError; the others go on. Closing the iterator early cancels the request on
+        every peer and frees its KV cache.
         """
         if self._failed is not None:
             raise self._down_error()
         request.check_fits(self.model.max_len)
+        wire = to_wire(request)
         if len(self._waiting) + len(self._news_new) >= self.max_queue + max(0, self.max_batch - len(self._running)):
             raise QueueFullError(f"the ring's queue is full ({self.max_queue} waiting); retry later")
         rid = f"{self.rank}-{next(self._counter)}"
         out: asyncio.Queue = asyncio.Queue()
         self._outs[rid] = out
-        self._news_new.append((rid, request_to_wire(request)))
+        self._news_new.append((rid, wire))
         self._news.set()
         self.stats.requests += 1
         finished = False
@@ -242,7 +236,8 @@ class Peer:
             elif isinstance(exc, asyncio.CancelledError):
                 err = PeerLostError(f"rank {self.rank}", "the peer is shutting down")
             else:
-                err = PeerLostError(f"rank {self.rank}", f"the peer's step loop failed: {exc!r}")
+                # Only the exception's type: its text may quote a request (it reaches /health).
+                err = PeerLostError(f"rank {self.rank}", f"the peer's step loop failed: {type(exc).__name__}")
             self._fail_all(err)
             self.links.abandon(err)
             raise
@@ -269,8 +264,8 @@ class Peer:
     async def _step(self) -> None:
         if not self._running and not self._waiting:
             await self._wait_for_work()
-        news = {"new": self._news_new, "cancel": self._news_cancel}
-        self._news_new, self._news_cancel = [], []
+        news = {"new": self._news_new, "cancel": self._news_cancel, "failed": self._news_failed}
+        self._news_new, self._news_cancel, self._news_failed = [], [], []
         self._news.clear()
         t0 = time.perf_counter()
         union = await self._gather_obj(news)
@@ -285,7 +280,11 @@ class Peer:
         self.stats.steps += 1
         self.stats.bytes_sent = self._bytes_before + sum(link.bytes_sent for link in self.links.links)
         for run, choice in zip(batch, choices):
-            step = run.seq.accept(choice)
+            try:
+                step = run.seq.accept(choice)
+            except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the ring
+                self._failed_here(run, exc)
+                continue
             self.stats.tokens += 1
             if run.out is not None:
                 run.out.put_nowait(step)
@@ -304,22 +303,28 @@ class Peer:
 
     def _apply(self, union: list[dict]) -> None:
         """The deterministic rule every peer applies to the gathered news (see module doc)."""
-        cancelled = {rid for part in union for rid in part["cancel"]}
+        failed = {rid: why for part in union for rid, why in part["failed"]}
+        cancelled = {rid for part in union for rid in part["cancel"]} | set(failed)
         for origin, part in enumerate(union):
             for rid, req in part["new"]:
                 self._waiting.append((rid, origin, req))
         self._waiting = [w for w in self._waiting if w[0] not in cancelled]
         for run in [r for r in self._running if r.rid in cancelled]:
-            self._finish(run)
+            if run.rid in failed:
+                self._fail_one(run, failed[run.rid])
+            else:
+                self._finish(run)
         while self._waiting and len(self._running) < self.max_batch:
             rid, origin, req = self._waiting.pop(0)
             out = self._outs.get(rid) if origin == self.rank else None
             try:
-                seq = Sequence(request_from_wire(req), self.info.tokenizer, self.model.new_cache(), self.model.max_len)
-            except (RingError, TypeError, ValueError, KeyError) as exc:
+                seq = Sequence(from_wire(req), self.info.tokenizer, self.model.new_cache(), self.model.max_len)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the ring
                 # Every peer refuses the same request the same way; only its origin reports it.
+                log.warning("rank %d: request %s refused: %s", self.rank, rid, _describe(exc))
                 if out is not None:
-                    out.put_nowait(exc if isinstance(exc, RingError) else RequestError(f"bad request: {exc}"))
+                    out.put_nowait(exc if isinstance(exc, RequestError) else
+                                   RequestError(f"the request failed on the ring: {type(exc).__name__}"))
                 continue
             self._running.append(_Running(rid, origin, seq, out))
 
@@ -327,6 +332,24 @@ class Peer:
         self._running.remove(run)
         if run.out is not None:
             run.out.put_nowait(_DONE)
+
+    def _failed_here(self, run: _Running, exc: Exception) -> None:
+        """A sequence raised while advancing on this peer: tell every peer in the next step's
+        news, where all drop it together (:meth:`_apply`, before that step's forward).
+
+        Dropping it here at once would leave the peers with different batches if the
+        failure were this peer's alone (e.g. out of memory); a Sequence is a pure function of
+        its request and the chosen tokens, so usually every peer fails it at the same step.
+        Only the exception's type travels: its text may quote the request.
+        """
+        log.warning("rank %d: request %s failed: %s", self.rank, run.rid, _describe(exc))
+        self._news_failed.append((run.rid, type(exc).__name__))
+
+    def _fail_one(self, run: _Running, why: str) -> None:
+        """Drop a sequence some peer reported failed; its origin's client gets the error."""
+        self._running.remove(run)
+        if run.out is not None:
+            run.out.put_nowait(RequestError(f"the request failed on the ring: {why}"))
 
     def _fail_all(self, exc: BaseException) -> None:
         self._failed = exc
@@ -337,7 +360,7 @@ class Peer:
         self._running.clear()
         self._waiting.clear()
         # News not yet gathered belongs to requests that have just been failed.
-        self._news_new, self._news_cancel = [], []
+        self._news_new, self._news_cancel, self._news_failed = [], [], []
 
     async def _compute_lent(self, batch: list[_Running]) -> list:
         """Run :meth:`_compute` in the compute thread with the ring's sockets lent to it.
@@ -397,6 +420,11 @@ class Peer:
             return [obj]
         blob = np.frombuffer(msgpack.packb(obj, use_bin_type=True), np.uint8)
         return [_unpack(p) for p in await self.coll.allgather(blob)]
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line, escaped: its text may hold what a client sent."""
+    return f"{type(exc).__name__}: {ascii(str(exc))[:300]}"
 
 
 def _unpack(part: np.ndarray) -> Any:

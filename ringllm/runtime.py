@@ -15,7 +15,8 @@ from ringllm.fetch import resolve_model
 from ringllm.memory import release_free_memory
 from ringllm.model import AllReduce, Transformer
 from ringllm.model_file import ModelConfig, ModelFile
-from ringllm.ops import quant
+from ringllm.ops import kernels as kernel_choice
+from ringllm.ops.kernels import Kernels
 from ringllm.shard.loader import ffn_block_size, load_shard
 from ringllm.shard.plan import ShardPlan, plan_shards
 from ringllm.tokenizer import Tokenizer
@@ -38,12 +39,13 @@ class ModelInfo:
 def open_model(spec: str | None, progress: Progress | None = None) -> tuple[ModelInfo, ModelFile]:
     """Resolve (fetching if needed) and open a model; return its info and the open file."""
     mf = ModelFile(resolve_model(spec, progress=progress))
+    tokenizer = Tokenizer.from_metadata(mf.metadata)
     info = ModelInfo(
         path=str(mf.path),
         config=mf.config,
         fingerprint=mf.fingerprint,
-        tokenizer=Tokenizer.from_metadata(mf.metadata),
-        chat_template=mf.metadata.get("tokenizer.chat_template"),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,  # the GGUF's, or the family's (Gemma's base GGUF has none)
         ffn_block=ffn_block_size(mf),
     )
     mf.drop_vocabulary()  # the tokenizer has what it needs; ~10 MB of Python strings go
@@ -56,26 +58,30 @@ def make_plan(info: ModelInfo, weights: Sequence[float]) -> ShardPlan:
 
 
 def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce | None = None,
-               max_len: int | None = None) -> Transformer:
-    """Load rank's shard out of the open file. The caller should close ``mf`` afterwards.
-    ``allreduce`` None: the model runs alone (see Transformer)."""
-    model = Transformer(load_shard(mf, plan[rank]), allreduce, max_len=max_len)
+               max_len: int | None = None, kernels: Kernels | None = None) -> Transformer:
+    """Load rank's shard out of the open file, for ``kernels`` (default: the ones the last
+    :func:`set_threads` chose). ``allreduce`` None: the model runs alone (see Transformer).
+    The caller should close ``mf`` afterwards."""
+    model = Transformer(load_shard(mf, plan[rank], kernels or _kernels), allreduce, max_len=max_len)
     release_free_memory()
     return model
 
 
-def set_threads(n: int) -> None:
-    """Use n compute threads for the kernels; BLAS itself stays single-threaded (we split rows)."""
-    from threadpoolctl import threadpool_limits
+_kernels: Kernels | None = None
 
-    threadpool_limits(1)
-    quant.set_threads(n)
+
+def set_threads(n: int, kernels: str = "auto", say: Progress | None = None) -> Kernels:
+    """Choose the kernel family (``auto``: numba where it imports) and use n compute threads;
+    BLAS itself stays single-threaded (we split rows). Models loaded afterwards use them."""
+    global _kernels
+    _kernels = kernel_choice.choose(kernels, n, say)
+    return _kernels
 
 
 def prompt_ids(info: ModelInfo, prompt: str | None = None, *, raw: bool = False, system: str | None = None,
                messages: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """Token ids for a prompt: raw text as-is (special tokens parsed), or chat messages rendered
-    with the model's chat template (ChatML when the model has none)."""
+    with the model's chat template (its family's standard one when the GGUF has none)."""
     tok = info.tokenizer
     if raw:
         assert prompt is not None

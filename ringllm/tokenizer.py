@@ -1,13 +1,16 @@
 """Tokenizers for the two GGUF vocabulary kinds ringllm runs, built from GGUF metadata.
 
-``tokenizer.ggml.model == "gpt2"``: byte-level BPE. The text is split by the regexes llama.cpp
-uses for ``tokenizer.ggml.pre`` (each regex splits every piece the previous one left; the text
-between matches stays a piece of its own), each piece is mapped byte by byte to the GPT-2
-alphabet, and the `tokenizers` library merges it by rank.
+``tokenizer.ggml.model == "gpt2"``: byte-level BPE (SmolLM2: pre-tokenizer "smollm"; Qwen2.5:
+"qwen2"). The text is split by the regexes llama.cpp uses for ``tokenizer.ggml.pre`` (each
+regex splits every piece the previous one left; the text between matches stays a piece of its
+own), each piece is mapped byte by byte to the GPT-2 alphabet, and the `tokenizers` library
+merges it by rank.
 
-``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE over scores (Llama 2, TinyLlama).
-Spaces become "▁"; when ``add_space_prefix`` a "▁" is put before every run of plain text; the
-adjacent pair whose concatenation is the best-scored token merges first (ties: leftmost); a
+``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE over scores (Llama 2, Gemma 3),
+llama.cpp's algorithm written out here (the `tokenizers` library merges by rank, not by score).
+Spaces become "▁"; when ``add_space_prefix`` a "▁" is put before every run of plain text
+(Gemma's GGUF sets it false: "Hello world" is "Hello", "▁world"); the adjacent pair whose
+concatenation is the best-scored token merges first (ties: leftmost); a
 symbol that is not a token becomes its UTF-8 bytes as ``<0xNN>`` tokens.
 
 Both follow llama.cpp (``llama-vocab.cpp``), which the reference fixture agrees with. Special
@@ -31,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from ringllm.chat import default_template
 from ringllm.errors import ModelError, RequestError, UnsupportedError
+from ringllm.gguf_parse import GGUFFile
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +58,25 @@ SPECIAL_TYPES = frozenset({TokenType.CONTROL, TokenType.UNKNOWN})
 _CUT_TYPES = SPECIAL_TYPES | {TokenType.USER_DEFINED}
 
 # llama.cpp ends generation on tokens with these texts even when no metadata key names them,
-# and promotes them to CONTROL (ref llama.cpp issue 9606). SmolLM2: <|endoftext|>, <|im_end|>.
+# and promotes them to CONTROL (ref llama.cpp issue 9606). SmolLM2: <|endoftext|>, <|im_end|>;
+# Qwen2.5: the same two; Gemma 3: <end_of_turn>.
 EOG_TEXTS = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 })
+# llama.cpp's list also has these, but in some vocabularies they are ordinary text pieces
+# (Qwen2.5's "</s>", id 128247, is a NORMAL token: an HTML closing tag a coder model writes),
+# so they end generation only where the GGUF marks them special (Gemma 3's "</s>", id 212,
+# is USER_DEFINED; the Gemma 3 reference fixture lists it among the stops).
+EOG_TEXTS_IF_SPECIAL = frozenset({"</s>", "<eos>"})
+# Fill-in-the-middle tokens llama.cpp also stops on, found by text (first in list order) when
+# the metadata has no fim_pad/fim_rep/fim_sep id. Qwen2.5-Coder: <|fim_pad|>, <|repo_name|>,
+# <|file_sep|>; SmolLM2: <reponame>.
+_FIM_EOG_TEXTS = {
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
 
 # Metadata ids that end generation besides the EOS (llama.cpp adds the FIM ones too).
 _EOG_KEYS = ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")
@@ -111,7 +130,8 @@ class Tokenizer:
     Attributes: ``model`` ("gpt2" or "llama"), ``pre`` (the pre-tokenizer name or None),
     ``vocab_size``, ``bos_id``/``eos_id``/``unk_id`` (None when the model has none),
     ``eog_ids`` (every id that ends generation), ``add_bos``/``add_eos`` (what ``encode``
-    adds by default), ``add_space_prefix``, ``chat_template`` (None when absent) and
+    adds by default), ``add_space_prefix``, ``chat_template`` (the GGUF's, else the family's
+    standard one from :func:`ringllm.chat.default_template`) and
     ``missing_bytes``: byte values the vocabulary has no symbol for. Byte-level ``encode``
     drops such bytes, as llama.cpp and Hugging Face do (SmolLM2 lacks 21, e.g. 0x04 and the
     0xF1 lead byte of U+40000..U+7FFFF); a SentencePiece symbol needing one becomes ``<unk>``.
@@ -132,13 +152,9 @@ class Tokenizer:
         self._to_id = {t: i for i, t in enumerate(tokens)}  # a duplicate text keeps its last id, as in llama.cpp
         ids = {k: _opt_id(meta, k, len(tokens)) for k in ("bos", "eos", "unknown", *_EOG_KEYS[1:])}
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unknown"]
-        eog = {ids[k] for k in _EOG_KEYS if ids[k] is not None}
-        for text in EOG_TEXTS:
-            if (i := self._to_id.get(text)) is not None:
-                eog.add(i)
-                self._types[i] = TokenType.CONTROL
-        self.eog_ids: frozenset[int] = frozenset(eog)
-        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        self.eog_ids: frozenset[int] = frozenset(self._find_eog(ids))
+        # The GGUF's template, else the family's standard one (see ringllm.chat).
+        self.chat_template: str = meta.get("tokenizer.chat_template") or default_template(self._to_id)
 
         if self.model == "gpt2":
             default_bos = self._init_bpe(meta)
@@ -160,6 +176,21 @@ class Tokenizer:
         # reference); the token strings are kept packed (see _Packed).
         del self._to_id
         self._tokens = _Packed([t.encode("utf-8") for t in tokens], text=True)
+
+    def _find_eog(self, ids: Mapping[str, int | None]) -> set[int]:
+        """Ids that end generation, as llama.cpp finds them; promotes those found by text."""
+        eog = {ids[k] for k in _EOG_KEYS if ids[k] is not None}
+        found = [self._to_id.get(t) for t in EOG_TEXTS]
+        found += [i for t in EOG_TEXTS_IF_SPECIAL
+                  if (i := self._to_id.get(t)) is not None and self._types[i] != TokenType.NORMAL]
+        for key, texts in _FIM_EOG_TEXTS.items():
+            if ids[key] is None:
+                found.append(next((i for t in texts if (i := self._to_id.get(t)) is not None), None))
+        for i in found:
+            if i is not None:
+                eog.add(i)
+                self._types[i] = TokenType.CONTROL
+        return eog
 
     def _init_bpe(self, meta: Mapping[str, Any]) -> bool:
         """Byte-level BPE; returns the pre-tokenizer's default for add_bos."""
@@ -201,11 +232,11 @@ class Tokenizer:
     def from_gguf(cls, source: Any) -> Tokenizer:
         """Build from a GGUF file path, a ``gguf.GGUFReader``, or its ``fields`` mapping."""
         if isinstance(source, (str, os.PathLike)):
-            from gguf import GGUFReader  # slow to import; only this path needs it
-
             try:
-                source = GGUFReader(source, "r")
-            except (OSError, ValueError, IndexError) as exc:
+                # GGUFFile, not GGUFReader: Qwen2.5's 151,936-token vocab parses in 1.9 s instead of 32
+                with GGUFFile(source) as f:
+                    return cls({k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")})
+            except OSError as exc:
                 raise ModelError(f"cannot read GGUF file {source}: {exc}") from None
         fields = getattr(source, "fields", source)
         meta = {}

@@ -17,8 +17,7 @@ import uvloop
 import ringllm
 from ringllm import runtime
 from ringllm.client import connect, ring_health
-from ringllm.errors import PeerLostError, RequestError, RingError
-from ringllm.peer import QueueFullError
+from ringllm.errors import PeerLostError, QueueFullError, RequestError, RingError
 from tests.ring_thread import RingThread
 
 HI = [{"role": "user", "content": "Say hello."}]

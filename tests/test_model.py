@@ -96,11 +96,12 @@ def test_same_seed_same_text(smollm2, fixture_data):
 
 @pytest.fixture
 def two_kernel_threads():
-    """Two kernel threads for one test (the session's models were loaded with one: their
-    tiling stays, which only changes how kernel work is shared, never the result)."""
+    """Two numpy kernel threads for one test: the pipelined prefill is how the numpy family
+    uses them (the session's models were loaded with one thread: their tiling stays, which
+    only changes how kernel work is shared, never the result)."""
     from ringllm import runtime
 
-    runtime.set_threads(2)
+    runtime.set_threads(2, "numpy")
     yield
     runtime.set_threads(1)
 

@@ -107,5 +107,5 @@ def test_config_of_smollm2_is_read(smollm2_path):
 
 
 def test_fetch_unknown_name_lists_known(tmp_path):
-    with pytest.raises(ModelError, match=r"neither an existing file nor a known model name \(known: smollm2-135m\)"):
+    with pytest.raises(ModelError, match=r"neither an existing file nor a known model name \(known: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m\)"):
         resolve_model("no-such-model")

@@ -166,7 +166,7 @@ def test_api_key_through_the_openai_client(ring, model_id):
     from aiohttp import web
 
     from ringllm.ring.config import free_ports
-    from ringllm.server import make_app
+    from ringllm.http.app import make_app
 
     port = free_ports(1)[0]
 

@@ -25,11 +25,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ringllm
@@ -165,7 +166,8 @@ def _claims(ring: Ring, rank: int, model: Path) -> HandshakeInfo:
     info, mf = runtime.open_model(str(model))
     mf.close()
     return HandshakeInfo(ring=ring.cfg.name, rank=rank, size=ring.cfg.size, model=info.fingerprint,
-                         plan=runtime.make_plan(info, ring.cfg.weights).digest(), config=ring_config_claim(ring.cfg))
+                         plan=runtime.make_plan(info, ring.cfg.weights).digest(),
+                         config=ring_config_claim(ring.cfg, "numba"))  # the peers run auto: numba here
 
 
 async def _greedy(addr: str, ssl_ctx: ssl.SSLContext | None = None) -> list[int]:
@@ -336,7 +338,7 @@ async def test_protocol_version_and_wrong_rank_are_refused_precisely(tiny_ring):
 
 
 # -- mismatched peers joining (a restarted peer with the wrong file) -------------------------------
-@pytest.mark.parametrize("what", ["model", "ring.toml"])
+@pytest.mark.parametrize("what", ["model", "ring.toml", "kernels"])
 def test_a_restarted_peer_with_a_different_model_or_ring_toml_is_refused_then_the_right_one_joins(
         what, tmp_path, tiny_model_path):
     from ringllm.ring.config import free_ports
@@ -351,6 +353,10 @@ def test_a_restarted_peer_with_a_different_model_or_ring_toml_is_refused_then_th
             other_model = _tiny(tmp_path / "other.gguf", seed=1)
             bad.write_text(ring_toml(3, str(tiny_model_path), models={1: str(other_model)}, **kw))
             expect = r"peer rank [12] has model fingerprint \w+\.\. but we have \w+\.\. \(a different model file\)"
+        elif what == "kernels":  # the others run auto, numba here: sums in another order
+            bad.write_text(ring_toml(3, str(tiny_model_path), extra='kernels = "numpy"', **kw))
+            expect = (r"peer rank [12] runs a different ring configuration: its ring.toml has kernels = "
+                      r"\W?(numpy|numba)\W? but ours has \W?(numba|numpy)")
         else:
             bad.write_text(ring_toml(3, str(tiny_model_path), extra="max_batch = 4", **kw))
             expect = (r"peer rank [12] runs a different ring configuration: its ring.toml has max_batch = (4|16) "
@@ -517,3 +523,288 @@ async def test_a_flood_of_bytes_is_not_buffered(tiny_ring):
     for _, writer, _ in conns:
         writer.close()
     await asyncio.to_thread(_assert_still_serving, tiny_ring)
+
+
+# -- the HTTP API: what a client sends cannot reach past the boundary ------------------------
+# (security issue: a lone surrogate in "stop" broke the ring on every peer; in a prompt it was
+# a plain-text 500, and /health then quoted the request.)
+def _post_raw(address: str, path: str, data: bytes, timeout: float = 60) -> tuple[int, str, bytes]:
+    """POST bytes as JSON; (status, content type, body)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{address}{path}", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+
+
+def _assert_json_error(status: int, ctype: str, data: bytes, param: str | None = None) -> dict:
+    """A 4xx in the error shape both APIs answer refusals in; ``param`` (a prefix) names the field."""
+    assert 400 <= status < 500, (status, data[:300])
+    assert ctype.startswith("application/json"), (status, ctype, data[:300])
+    err = json.loads(data)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str), err
+    if param is not None:
+        assert isinstance(err["param"], str) and err["param"].startswith(param), err
+    return err
+
+
+def test_the_reported_surrogate_requests_are_400s_and_the_ring_never_notices(tiny_ring):
+    """The issue's requests against real peer processes: each is a JSON 400 naming the field;
+    no peer logs a lost ring; /health and the logs never show the request's text."""
+    marker = "zq-private-request-text"
+    cases = [
+        ("/v1/completions", b'{"prompt":"hi","stop":["\\ud800"],"max_tokens":2}', "stop"),
+        ("/v1/completions", b'{"prompt":"hi","stop":"' + marker.encode() + b'\\udfff","max_tokens":2}', "stop"),
+        ("/v1/chat/completions",
+         b'{"messages":[{"role":"user","content":"' + marker.encode() + b'\\ud800"}],"max_tokens":2}',
+         "messages[0].content"),
+        ("/ringllm/v1/generate", b'{"prompt":"' + marker.encode() + b'\\ud800","max_tokens":2}', "prompt"),
+        ("/ringllm/v1/generate", b'{"prompt":"hi","stop":["\\ud800"],"max_tokens":2}', "stop"),
+    ]
+    for path, data, param in cases:
+        _assert_json_error(*_post_raw(tiny_ring.http(0), path, data), param=param)
+    _assert_still_serving(tiny_ring)
+    for r in range(tiny_ring.cfg.size):
+        h = tiny_ring.health(r)
+        assert h is not None and h["status"] == "ok" and h["last_error"] is None, h
+        assert marker not in json.dumps(h)
+        log = tiny_ring.log(r)
+        assert marker not in log and "Logging error" not in log and "Traceback" not in log, log[-2000:]
+
+
+CHAT_OK = [{"role": "user", "content": "hi"}]
+
+
+def _nested(depth: int) -> Any:
+    v: Any = 1
+    for _ in range(depth):
+        v = {"a": [v]}
+    return v
+
+
+@pytest.fixture(scope="module")
+def inproc_ring(tiny_model_path):
+    """Two in-process peers of the tiny model, their HTTP on loopback (msgpack on the ring as
+    between processes)."""
+    from tests.ring_thread import RingThread
+
+    with RingThread(peers=2, model=str(tiny_model_path), links="memory") as rt:
+        yield rt
+
+
+def _normal_request_succeeds(rt) -> None:
+    body = json.dumps({"prompt": "the", "max_tokens": 2, "temperature": 0}).encode()
+    status, _, data = _post_raw(rt.addresses[1], "/v1/completions", body)
+    assert status == 200, data[:300]
+    assert json.loads(data)["usage"]["completion_tokens"] >= 1
+    assert all(p.failure is None for p in rt.peers), [p.failure for p in rt.peers]
+
+
+HOSTILE = [  # (path, body (dict, or raw bytes), the field the 400 must name or None)
+    ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"], "max_tokens": 2}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udc80"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"messages": CHAT_OK, "user": "\ud800"}, "user"),
+    ("/v1/chat/completions", {"messages": CHAT_OK, "metadata": {"\ud800": 1}}, "metadata"),
+    ("/ringllm/v1/generate", {"prompt": "\ud800"}, "prompt"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "system": "a\udfffb"}, "system"),
+    ("/ringllm/v1/generate", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "stop": "x\ud800"}, "stop"),
+    ("/v1/chat/completions", {"messages": CHAT_OK, "temperature": float("nan")}, "temperature"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "temperature": float("inf")}, "temperature"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "top_p": float("-inf")}, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "metadata": {"x": float("nan")}}, "metadata.x"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "seed": 2**70}, "seed"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "max_tokens": -3}, "max_tokens"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "top_k": 2**63}, "top_k"),
+    ("/ringllm/v1/generate", {"prompt_ids": [1, 2**40]}, "prompt_ids"),
+    ("/ringllm/v1/generate", {"prompt_ids": [1, -1]}, "prompt_ids"),
+    ("/v1/completions", {"prompt": [5, -1]}, "prompt"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "raw": "yes"}, "raw"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "ignore_eos": 1}, "ignore_eos"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": CHAT_OK, "metadata": _nested(40)}, "metadata"),
+    ("/ringllm/v1/generate", {"prompt": "hi", "stop": [_nested(3)]}, "stop"),
+    ("/ringllm/v1/generate", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", None),  # too long to convert
+    ("/v1/completions", b"[" * 5000 + b"]" * 5000, None),
+]
+
+
+@pytest.mark.parametrize("path,body,param", HOSTILE, ids=[f"{p.rsplit('/', 1)[1]}-{i}" for i, (p, _, _) in
+                                                         enumerate(HOSTILE)])
+def test_hostile_values_are_400s_naming_the_field_and_the_ring_goes_on(inproc_ring, path, body, param):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    _assert_json_error(*_post_raw(inproc_ring.addresses[0], path, data), param=param)
+    _normal_request_succeeds(inproc_ring)
+    for p in inproc_ring.peers:
+        assert p.stats.last_error is None
+
+
+def _run_requests(rt, requests: list) -> list:
+    """Run Requests at once on rank 0's Peer; each result is its Steps or the exception raised."""
+    async def one(req):
+        try:
+            return [s async for s in rt.peers[0].generate(req)]
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            return exc
+
+    async def all_of():
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    return rt.call(all_of)
+
+
+def test_a_request_that_cannot_travel_the_ring_is_refused_at_the_peer(inproc_ring):
+    """Past the HTTP validator (a Python caller of Peer.generate), a stop string msgpack cannot
+    pack is refused before it joins the news; the request beside it is served."""
+    from ringllm.errors import RequestError
+    from ringllm.generation import Request
+    from ringllm.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    bad = Request((5, 6), greedy, max_tokens=4, stop=("\ud800",))
+    good = Request((5, 6), greedy, max_tokens=4, ignore_eos=True)
+    out = _run_requests(inproc_ring, [bad, good])
+    assert isinstance(out[0], RequestError) and "cannot travel the ring" in str(out[0])
+    assert isinstance(out[1], list) and len(out[1]) == 4
+    assert all(p.failure is None for p in inproc_ring.peers)
+
+
+def test_a_sequence_that_raises_fails_alone(inproc_ring, monkeypatch, caplog):
+    """Isolation in depth: whatever raises while one sequence advances (here a planted bug)
+    fails that request on every peer, not the step loop; the request running beside it ends
+    normally, /health shows no error, and the log quotes nothing unescaped."""
+    import logging
+
+    from ringllm.errors import RequestError
+    from ringllm.generation import Request, Sequence
+    from ringllm.sampling import SamplingParams
+
+    secret = "zq-secret-\ud800-text"
+    real = Sequence.accept
+
+    def accept(self, choice):
+        if self.request.max_tokens == 7 and len(self.ids) == 2:
+            raise ValueError(secret)
+        return real(self, choice)
+
+    monkeypatch.setattr(Sequence, "accept", accept)
+    greedy = SamplingParams(temperature=0)
+    with caplog.at_level(logging.WARNING):
+        out = _run_requests(inproc_ring, [Request((5, 6), greedy, max_tokens=7, ignore_eos=True),
+                                          Request((7, 8), greedy, max_tokens=12, ignore_eos=True)])
+    assert isinstance(out[0], RequestError) and "ValueError" in str(out[0]) and "zq-secret" not in str(out[0])
+    assert isinstance(out[1], list) and len(out[1]) == 12 and out[1][-1].finish_reason == "length"
+    assert all(p.failure is None and p.stats.last_error is None for p in inproc_ring.peers)
+    inproc_ring.wait_idle()
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert failed, "the failed request should be logged"
+    for msg in failed:
+        msg.encode("utf-8")  # a lone surrogate would not encode: it must be escaped
+        assert "\\ud800" in msg
+    monkeypatch.undo()
+    _normal_request_succeeds(inproc_ring)
+
+
+def test_a_sequence_that_raises_on_one_peer_only_fails_alone(inproc_ring, monkeypatch):
+    """A failure only one peer sees (as out of memory would be): that peer must not simply
+    drop the sequence, or the peers' batches would differ from the next step on. It reports
+    the failure in the next step's news and every peer drops the sequence together."""
+    from ringllm.errors import RequestError
+    from ringllm.generation import Request, Sequence
+    from ringllm.sampling import SamplingParams
+
+    real, raised = Sequence.accept, []
+
+    def accept(self, choice):
+        if self.request.max_tokens == 9 and len(self.ids) == 3 and not raised:
+            raised.append(1)  # the first peer to get here fails; the other goes on
+            raise MemoryError()
+        return real(self, choice)
+
+    monkeypatch.setattr(Sequence, "accept", accept)
+    greedy = SamplingParams(temperature=0)
+    out = _run_requests(inproc_ring, [Request((5, 6), greedy, max_tokens=9, ignore_eos=True),
+                                      Request((7, 8), greedy, max_tokens=14, ignore_eos=True)])
+    assert raised == [1]
+    assert isinstance(out[0], RequestError) and "MemoryError" in str(out[0])
+    assert isinstance(out[1], list) and len(out[1]) == 14
+    assert all(p.failure is None for p in inproc_ring.peers)
+    inproc_ring.wait_idle()
+    monkeypatch.undo()
+    _normal_request_succeeds(inproc_ring)
+
+
+# Hypothesis: any body, on any of the three POST routes, gives JSON 4xx or a success, and the
+# ring serves the next ordinary request.
+# Any code point, lone surrogates included (drawn often: among all code points they are rare).
+_any_text = st.text(st.characters(codec=None, exclude_categories=()) | st.characters(min_codepoint=0xD800,
+                                                                                     max_codepoint=0xDFFF), max_size=6)
+_ok_text = st.text(max_size=6)  # valid Unicode: requests that get past the validator
+_numbers = (st.integers(-2**70, 2**70) | st.integers(-3, 300)
+            | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0, 1, 2**31, 2**63, 2**64, -2**63]))
+_values = st.recursive(st.none() | st.booleans() | _numbers | _any_text,
+                       lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_any_text, kids, max_size=3),
+                       max_leaves=8)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "\ud800"]),
+                                  "content": _any_text | _values})
+_plausible = {
+    "prompt": _any_text | st.lists(st.integers(-2, 400), max_size=4) | _values,
+    "messages": st.lists(_message, max_size=3) | _values,
+    "prompt_ids": st.lists(st.integers(-2, 400), max_size=4) | _values,
+    "stop": _any_text | st.lists(_any_text, max_size=3) | _values,
+    "max_tokens": st.integers(-2, 6) | _values,
+    "seed": _numbers, "temperature": _numbers, "top_p": _numbers, "top_k": _numbers, "min_p": _numbers,
+    "repeat_penalty": _numbers, "top_logprobs": _numbers, "logprobs": st.booleans() | _numbers,
+    "stream": st.booleans() | _values, "raw": st.booleans() | _values, "system": _any_text | _values,
+    "ignore_eos": st.booleans() | _values, "stream_options": st.just({"include_usage": True}) | _values,
+    "model": _any_text | _values, "metadata": _values, "user": _any_text,
+}
+_bodies = st.one_of(
+    st.fixed_dictionaries({}, optional={k: v for k, v in _plausible.items()}),
+    st.fixed_dictionaries({"prompt": _ok_text | _any_text},
+                          optional={"stop": _ok_text | _plausible["stop"], "max_tokens": st.integers(1, 4),
+                                    "temperature": st.floats(0, 2) | _numbers, "seed": _numbers}),
+    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": _ok_text})
+                                                | _message, min_size=1, max_size=2)},
+                          optional={"stop": _ok_text | _plausible["stop"], "max_tokens": st.integers(1, 4),
+                                    "stream": st.booleans()}),
+    _values,
+    st.integers(1, 60).map(_nested),
+)
+
+
+def _assert_success(path: str, ctype: str, data: bytes, stream: bool) -> None:
+    text = data.decode("utf-8")  # a success is valid UTF-8 ...
+    if path.endswith("/generate"):
+        events = [json.loads(line) for line in text.splitlines()]
+        assert events[0]["event"] == "start" and events[-1]["event"] == "end", events[-1]
+    elif stream:
+        assert ctype.startswith("text/event-stream")
+        lines = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        assert all("error" not in json.loads(ln) for ln in lines[:-1]), lines
+    else:
+        assert "choices" in json.loads(text)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/ringllm/v1/generate"]), body=_bodies)
+def test_fuzz_any_body_is_a_json_4xx_or_a_success_and_the_ring_goes_on(inproc_ring, path, body):
+    data = json.dumps(body).encode()  # ensure_ascii: lone surrogates travel as \udXXX escapes
+    status, ctype, answer = _post_raw(inproc_ring.addresses[0], path, data)
+    event(f"HTTP {status}")
+    if status == 200:
+        _assert_success(path, ctype, answer, isinstance(body, dict) and body.get("stream") is True)
+    else:
+        _assert_json_error(status, ctype, answer)
+    _normal_request_succeeds(inproc_ring)

@@ -1,7 +1,8 @@
 """Tokenizer, streaming decoder, stop matcher and chat template.
 
-The real SmolLM2 vocabulary is checked against the reference fixture (which agrees with
-llama.cpp); the SentencePiece path against small hand-built vocabularies whose expected ids are
+The real SmolLM2, Qwen2.5-Coder (0.5B, 1.5B) and Gemma 3 vocabularies are checked against their
+reference fixtures (token ids from llama.cpp, chat prompts rendered by each model's template);
+the SentencePiece path also against small hand-built vocabularies whose expected ids are
 derived by hand in the comments.
 """
 
@@ -48,7 +49,9 @@ def test_fixture_tokenization_exact(tok: Tokenizer, case: dict) -> None:
 def test_smollm2_special_ids(tok: Tokenizer) -> None:
     assert (tok.model, tok.pre, tok.vocab_size) == ("gpt2", "smollm", 49152)
     assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, False)
-    assert tok.eog_ids == {0, 2}  # <|endoftext|>, <|im_end|> (also the EOS)
+    # <|endoftext|>, <|im_end|> (also the EOS), and <reponame>: llama.cpp stops on the FIM
+    # repo-name token it finds by text ("<reponame>", Granite's spelling, which SmolLM2 shares)
+    assert tok.eog_ids == {0, 2, 4}
     assert tok.token_bytes(2) == b"<|im_end|>"
     assert tok.decode([1, 4093, 2], skip_special=True) == "user"
     assert tok.encode("Hi", parse_special=True, add_bos=True)[0] == 1
@@ -347,3 +350,182 @@ def test_chat_errors() -> None:
         render_chat("{{ ''.__class__.__mro__ }}", USER)  # the sandbox refuses
     with pytest.raises(RequestError, match=r"messages\[0\]"):
         render_chat(None, [{"content": "no role"}])
+
+
+# -- Qwen2.5-Coder and Gemma 3 against their reference fixtures -----------------------------
+
+DATA = Path(__file__).parent / "data"
+# known model name -> its fixture (copied from shared/fixtures)
+FIXTURES = {
+    "qwen2.5-coder-0.5b": json.loads((DATA / "qwen2.5-coder-0.5b-q4_k_m.json").read_text()),
+    "gemma3-270m": json.loads((DATA / "gemma3-270m-q4_k_m.json").read_text()),
+    "qwen2.5-coder-1.5b": json.loads((DATA / "qwen2.5-coder-1.5b-q4_k_m.json").read_text()),
+}
+TOKENIZE_CASES = [(name, c) for name, fx in FIXTURES.items() for c in fx["tokenize"]]
+PROMPT_CASES = [(name, c) for name, fx in FIXTURES.items() for c in fx["greedy"] + fx["logits"]]
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def tokenizer_of(name: str) -> Tokenizer:
+    """The model's real tokenizer, read once per session (the model is fetched on first use)."""
+    if name not in _TOKENIZERS:
+        from ringllm.fetch import resolve_model
+
+        _TOKENIZERS[name] = Tokenizer.from_gguf(resolve_model(name))
+    return _TOKENIZERS[name]
+
+
+def _case_id(nc: tuple[str, dict]) -> str:
+    return f"{nc[0]}:{nc[1]['id']}"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name, case", TOKENIZE_CASES, ids=map(_case_id, TOKENIZE_CASES))
+def test_new_models_tokenize_like_llama_cpp(name: str, case: dict) -> None:
+    t = tokenizer_of(name)
+    assert t.encode(case["text"], parse_special=True, add_bos=False) == case["ids"]
+    assert t.encode(case["text"], parse_special=False, add_bos=False) == case["ids_plain"]
+    # the model's default: Gemma adds its BOS, Qwen adds none
+    assert t.encode(case["text"], parse_special=True) == ([2] if name == "gemma3-270m" else []) + case["ids"]
+    assert t.decode(case["ids"]) == case["text"]
+    assert t.decode(case["ids_plain"]) == case["text"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name, case", PROMPT_CASES, ids=map(_case_id, PROMPT_CASES))
+def test_new_models_prompts_match_the_reference(name: str, case: dict) -> None:
+    from ringllm.runtime import ModelInfo, prompt_ids
+
+    t = tokenizer_of(name)
+    # prompt_ids needs only the tokenizer and template of a ModelInfo
+    info = ModelInfo(path="", config=None, fingerprint="", tokenizer=t,  # type: ignore[arg-type]
+                     chat_template=t.chat_template, ffn_block=0)
+    if case.get("messages"):
+        rendered = render_chat(t.chat_template, case["messages"], bos_token=t.token_text(t.bos_id),
+                               eos_token=t.token_text(t.eos_id))
+        assert rendered == case["prompt"]
+        assert prompt_ids(info, messages=case["messages"]) == case["prompt_ids"]
+        user = [m for m in case["messages"] if m["role"] == "user"]
+        if len(user) == len(case["messages"]) == 1:  # the CLI's path: a prompt string
+            assert prompt_ids(info, user[0]["content"]) == case["prompt_ids"]
+    else:
+        assert prompt_ids(info, case["prompt"], raw=True) == case["prompt_ids"]
+    if "ids" in case:  # a greedy continuation: its text decodes from its ids
+        assert t.decode(case["ids"]) == case["text"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_new_models_special_tokens(name: str) -> None:
+    t = tokenizer_of(name)
+    if name == "gemma3-270m":
+        assert (t.model, t.vocab_size, t.bos_id, t.eos_id, t.add_bos, t.add_space_prefix) == \
+            ("llama", 262144, 2, 1, True, False)
+        assert t.eog_ids == {1, 106, 212}  # <eos>, <end_of_turn>, </s>: the fixture's notes
+        assert t.missing_bytes == frozenset()  # <0x00>..<0xFF> all present: byte fallback is lossless
+        from ringllm.chat import GEMMA_TEMPLATE
+
+        assert t.chat_template == GEMMA_TEMPLATE  # the base model's GGUF ships none
+    else:
+        assert (t.model, t.pre, t.vocab_size, t.bos_id, t.eos_id, t.add_bos) == \
+            ("gpt2", "qwen2", 151936, 151643, 151645, False)
+        # <|endoftext|>, <|im_end|>, <|fim_pad|>, <|repo_name|>, <|file_sep|>; not the NORMAL "</s>"
+        assert t.eog_ids == {151643, 151645, 151662, 151663, 151664}
+        assert t.token_text(128247) == "</s>" and t.token_type(128247) == TokenType.NORMAL
+        assert "You are Qwen, created by Alibaba Cloud." in t.chat_template
+        assert t.decode([151644, 872, 151645], skip_special=True) == "user"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_new_models_stream_decode_holds_partial_utf8(name: str) -> None:
+    t = tokenizer_of(name)
+    held = 0
+    for case in FIXTURES[name]["tokenize"]:
+        dec = t.stream_decoder()
+        pieces = [dec.push(i) for i in case["ids"]]
+        assert "".join(pieces) + dec.flush() == case["text"]
+        assert not any("\ufffd" in p for p in pieces)
+        held += sum(p == "" for p in pieces)
+    if name == "gemma3-270m":
+        # Gemma's fixture texts are all whole tokens; U+1D306 is not in its vocabulary, so it
+        # falls back to its UTF-8 bytes F0 9D 8C 86 as <0xNN> tokens (<0x00> is id 238).
+        ids = t.encode("a𝌆", parse_special=False, add_bos=False)
+        assert ids[1:] == [238 + 0xF0, 238 + 0x9D, 238 + 0x8C, 238 + 0x86]
+        assert all(t.token_type(i) == TokenType.BYTE for i in ids[1:])
+        dec = t.stream_decoder()
+        assert [dec.push(i) for i in ids] == ["a", "", "", "", "𝌆"] and dec.flush() == ""
+        assert dec.push(ids[1]) == "" and dec.flush() == "\ufffd"  # a cut-off tail, flushed
+    else:
+        assert held  # Qwen splits some characters (emoji, Arabic) over several tokens
+
+
+# Text without "▁" (SentencePiece reads it back as a space) and without the bytes a vocabulary
+# lacks (Qwen2.5 has a symbol for every byte; checked by the assertion inside).
+ROUND_TRIP_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="▁"), max_size=60) | \
+    st.lists(st.sampled_from(["<start_of_turn>", "<|im_end|>", "<eos>", "</s>", " ", "\n", "é", "😀", "▁x"]),
+             max_size=8).map("".join)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
+def test_new_models_round_trip(name: str) -> None:
+    t = tokenizer_of(name)
+    assert t.missing_bytes == frozenset()
+
+    @FAST
+    @given(text=ROUND_TRIP_TEXT)
+    def check(text: str) -> None:
+        want = text if t.model == "gpt2" else text.replace("▁", " ")
+        for parse_special in (False, True):
+            ids = t.encode(text, parse_special=parse_special, add_bos=False)
+            assert t.decode(ids) == want
+            dec = t.stream_decoder()
+            assert "".join(dec.push(i) for i in ids) + dec.flush() == want
+
+    check()
+
+
+def test_gemma_template_rules() -> None:
+    from ringllm.chat import GEMMA_TEMPLATE, default_template
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi \n"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+    assert render_chat(GEMMA_TEMPLATE, chat, bos_token="<bos>") == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n")
+    assert render_chat(GEMMA_TEMPLATE, chat[1:2], add_generation_prompt=False, bos_token="<bos>") == \
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n"
+    with pytest.raises(RequestError, match="alternate"):
+        render_chat(GEMMA_TEMPLATE, [{"role": "assistant", "content": "x"}])
+    with pytest.raises(RequestError, match="alternate"):
+        render_chat(GEMMA_TEMPLATE, [{"role": "user", "content": "x"}] * 2)
+    assert default_template({"<start_of_turn>", "<end_of_turn>", "a"}) == GEMMA_TEMPLATE
+    assert default_template({"<|im_start|>", "<|im_end|>"}) == CHATML_TEMPLATE
+    t = spm(BASE)  # a llama vocab without a template or Gemma's turn tokens: ChatML
+    assert t.chat_template == CHATML_TEMPLATE
+
+
+def test_eog_by_text_follows_llama_cpp() -> None:
+    normal, user_defined, control = 1, 4, 3
+    extra = ["</s>", "<eos>", "<|fim_pad|>", "<|repo_name|>", "<|fim_repo|>", "<|file_sep|>", "<|im_end|>"]
+    kinds = [normal, user_defined, control, control, control, control, normal]
+    meta = bpe_meta("gpt2", extra, [], **{"tokenizer.ggml.token_type": [normal] * 256 + kinds,
+                                           "tokenizer.ggml.eos_token_id": 0})
+    t = Tokenizer.from_metadata(meta)
+    # "</s>" is NORMAL here: plain text. "<eos>" is special, so it ends generation; of the two
+    # repo-name spellings the first in llama.cpp's list wins; <|im_end|> is promoted to CONTROL.
+    assert t.eog_ids == {0, 257, 258, 260, 261, 262}
+    assert t.token_type(262) == TokenType.CONTROL and t.token_type(256) == TokenType.NORMAL
+    named = Tokenizer.from_metadata({**meta, "tokenizer.ggml.fim_pad_token_id": 259})
+    assert named.eog_ids == {0, 257, 259, 260, 261, 262}  # a metadata id replaces the text search
+
+
+@pytest.mark.model
+def test_qwen_template_keeps_a_given_system_prompt() -> None:
+    t = tokenizer_of("qwen2.5-coder-0.5b")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+    assert render_chat(t.chat_template, chat) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n")

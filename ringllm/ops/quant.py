@@ -239,6 +239,27 @@ def row_bytes(qtype: GGMLQuantizationType, cols: int) -> int:
     return cols // bs * ts
 
 
+def check_raw(qtype, raw: np.ndarray, rows: int, cols: int) -> None:
+    """Raise UnsupportedError for a type not in SUPPORTED, ModelError unless ``raw`` is uint8
+    (rows, row_bytes) with rows >= 1: the bytes of ``rows`` rows as the GGUF stores them."""
+    _check_supported(qtype)
+    qtype = QT(qtype)
+    rb = row_bytes(qtype, cols)
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != (rows, rb):
+        got = (f"{raw.dtype} {raw.shape}" if isinstance(raw, np.ndarray)
+               else type(raw).__name__)
+        raise ModelError(f"{qtype.name} {rows}x{cols} needs uint8 raw of shape "
+                         f"({rows}, {rb}), got {got}")
+    if rows <= 0:
+        raise ModelError(f"{qtype.name} matrix needs at least one row, got {rows}")
+
+
+def codec(qtype: GGMLQuantizationType) -> _Codec:
+    """How a quantized type reduces to codes and float32 scales (the compiled kernels' layout
+    starts from the same unpacking). KeyError for float types."""
+    return _CODECS[QT(qtype)]
+
+
 def _check_supported(qtype) -> None:
     if qtype not in SUPPORTED:
         name = getattr(qtype, "name", str(qtype))
@@ -412,16 +433,8 @@ class QuantMatrix:
         UnsupportedError for a type not in SUPPORTED, ModelError if raw has the wrong dtype or
         shape.
         """
-        _check_supported(qtype)
+        check_raw(qtype, raw, rows, cols)
         qtype = QT(qtype)
-        rb = row_bytes(qtype, cols)
-        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != (rows, rb):
-            got = (f"{raw.dtype} {raw.shape}" if isinstance(raw, np.ndarray)
-                   else type(raw).__name__)
-            raise ModelError(f"{qtype.name} {rows}x{cols} needs uint8 raw of shape "
-                             f"({rows}, {rb}), got {got}")
-        if rows <= 0:
-            raise ModelError(f"{qtype.name} matrix needs at least one row, got {rows}")
         if qtype in _FLOATS:
             return cls._from_float(qtype, raw, rows, cols)
         c = _CODECS[qtype]

@@ -7,6 +7,7 @@ Every error names the file, the field and (for peer entries) the peer index, e.g
     model = "smollm2-135m"        # known model name or GGUF path (each peer may override)
     model_sha256 = "b179..."      # optional: every peer verifies its file against it
     wire = "f32"                  # or "q8_0": activations compressed on the wire
+    kernels = "auto"              # or "numba" / "numpy": every peer must end up with the same
     secret = "..."                # or secret_file = "path", or secret_env = "VAR"
     context_length = 4096         # optional cap on the model's context
     heartbeat_interval = 1.0      # seconds between pings on an idle link
@@ -44,6 +45,9 @@ from typing import Any
 from ringllm.errors import ConfigError
 
 WIRE_FORMATS = ("f32", "q8_0")
+# The kernel families of ringllm.ops.kernels.FAMILIES (a test keeps the two equal; the ring
+# layer does not import the compute layer).
+KERNEL_FAMILIES = ("auto", "numba", "numpy")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class RingConfig:
     peers: tuple[PeerConfig, ...]
     model_sha256: str | None = None
     wire: str = "f32"
+    kernels: str = "auto"
     context_length: int | None = None
     heartbeat_interval: float = 1.0
     dead_after: float = 5.0
@@ -154,13 +159,15 @@ def parse_ring(text: str, *, source: str = "ring.toml", base: Path = Path(".")) 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     top = _Fields(source, "", doc)
-    top.unknown({"name", "model", "model_sha256", "wire", "secret", "secret_file", "secret_env", "context_length",
+    top.unknown({"name", "model", "model_sha256", "wire", "kernels", "secret", "secret_file", "secret_env", "context_length",
                  "heartbeat_interval", "dead_after", "max_queue", "max_batch", "http", "tls", "peer"})
     name = top.get("name", str, check=lambda s: 0 < len(s) <= 64, desc="a non-empty string of at most 64 characters")
     model = top.get("model", str, "smollm2-135m", check=bool, desc="a non-empty model name or path")
     sha = top.get("model_sha256", str, None, check=lambda s: len(s) == 64 and all(c in "0123456789abcdef" for c in s),
                   desc="64 lowercase hex digits")
     wire = top.get("wire", str, "f32", check=lambda s: s in WIRE_FORMATS, desc=f"one of {', '.join(WIRE_FORMATS)}")
+    kernels = top.get("kernels", str, "auto", check=lambda s: s in KERNEL_FAMILIES,
+                      desc=f"one of {', '.join(KERNEL_FAMILIES)}")
     secret = _secret(top, base)
     positive = dict(check=lambda x: x > 0, desc="a positive number")
     ctx = top.get("context_length", int, None, check=lambda x: x > 0, desc="a positive integer")
@@ -209,7 +216,7 @@ def parse_ring(text: str, *, source: str = "ring.toml", base: Path = Path(".")) 
                 raise f.fail(key, f"{host}:{prt} is already used by peer[{seen[(host, prt)]}]")
             seen[(host, prt)] = i
         peers.append(PeerConfig(i, host, port, http_port, weight, model_path))
-    return RingConfig(name=name, model=model, secret=secret, peers=tuple(peers), model_sha256=sha, wire=wire,
+    return RingConfig(name=name, model=model, secret=secret, peers=tuple(peers), model_sha256=sha, wire=wire, kernels=kernels,
                       context_length=ctx, heartbeat_interval=hb, dead_after=dead, max_queue=max_queue,
                       max_batch=max_batch, http_host=http_host, api_key=api_key, tls=tls, source=source)
 

@@ -17,7 +17,9 @@ import numpy as np
 
 from ringllm.memory import release_free_memory
 from ringllm.model_file import ModelConfig, ModelFile, TensorInfo
+from ringllm.ops.kernels import Kernels
 from ringllm.ops.quant import QuantMatrix, block_size
+from ringllm.ops.quant import threads as quant_threads
 from ringllm.shard.plan import PeerShard, Range
 
 
@@ -27,7 +29,7 @@ class Projection:
     ``matvec``/``matmul`` return the concatenation of the parts' outputs, in order.
     """
 
-    def __init__(self, parts: Sequence[tuple[TensorInfo, Range]]) -> None:
+    def __init__(self, parts: Sequence[tuple[TensorInfo, Range]], kernels: Kernels) -> None:
         parts = [(info, (a, b)) for info, (a, b) in parts if b > a]  # a peer may own no rows of a part
         self.cols = parts[0][0].cols if parts else 0
         self.out_sizes = [b - a for _, (a, b) in parts]
@@ -36,12 +38,12 @@ class Projection:
         qtype = None
         for info, (a, b) in parts:
             if group and info.qtype != qtype:
-                self.matrices.append(_from_rows(qtype, group, self.cols))
+                self.matrices.append(_from_rows(kernels, qtype, group, self.cols))
                 group = []
             qtype = info.qtype
             group.append(info.raw[a:b])
         if group:
-            self.matrices.append(_from_rows(qtype, group, self.cols))
+            self.matrices.append(_from_rows(kernels, qtype, group, self.cols))
 
     @property
     def rows(self) -> int:
@@ -60,9 +62,9 @@ class Projection:
         return sum(m.nbytes for m in self.matrices)
 
 
-def _from_rows(qtype, blocks: list[np.ndarray], cols: int) -> QuantMatrix:
+def _from_rows(kernels: Kernels, qtype, blocks: list[np.ndarray], cols: int):
     raw = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
-    return QuantMatrix.from_raw(qtype, np.ascontiguousarray(raw), raw.shape[0], cols)
+    return kernels.matrix(qtype, np.ascontiguousarray(raw), raw.shape[0], cols)
 
 
 @dataclass
@@ -91,14 +93,14 @@ class RowParallel:
         return self.matrix.matmul(x)
 
     @classmethod
-    def load(cls, info: TensorInfo, lo: int, hi: int) -> "RowParallel":
+    def load(cls, info: TensorInfo, lo: int, hi: int, kernels: Kernels) -> "RowParallel":
         if hi <= lo:
             return cls(None, lo, hi, lo, lo, info.rows)
         bs = block_size(info.qtype)
         start, stop = lo // bs * bs, -(-hi // bs) * bs
         per_block = info.raw.shape[1] // (info.cols // bs)
         raw = info.raw[:, start // bs * per_block: stop // bs * per_block]
-        m = QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(raw), info.rows, stop - start)
+        m = kernels.matrix(info.qtype, np.ascontiguousarray(raw), info.rows, stop - start)
         return cls(m, lo, hi, start, stop, info.rows)
 
     @property
@@ -131,6 +133,7 @@ class ShardWeights:
     embed: QuantMatrix  # token_embd rows of this peer's vocab range
     output: QuantMatrix  # output rows of the vocab range (the same object when tied)
     output_norm: np.ndarray
+    kernels: Kernels
 
     @property
     def nbytes(self) -> int:
@@ -140,8 +143,10 @@ class ShardWeights:
         return n
 
 
-def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
-    """Copy this peer's slices out of ``model`` (which the caller may drop afterwards)."""
+def load_shard(model: ModelFile, shard: PeerShard, kernels: Kernels | None = None) -> ShardWeights:
+    """Copy this peer's slices out of ``model`` (which the caller may drop afterwards), held for
+    ``kernels`` (default: the numpy kernels on the thread count :mod:`ringllm.ops.quant` has)."""
+    kernels = kernels or Kernels("numpy", quant_threads())
     c = model.config
     hd = c.head_dim
     (h0, h1), (k0, k1), (f0, f1), (v0, v1) = shard.heads, shard.kv_heads, shard.ffn, shard.vocab
@@ -158,17 +163,17 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
         q_rows, kv_rows = (h0 * hd, h1 * hd), (k0 * hd, k1 * hd)
         qkv = qkv_bias = None
         if h1 > h0:
-            qkv = Projection([(t("attn_q"), q_rows), (t("attn_k"), kv_rows), (t("attn_v"), kv_rows)])
+            qkv = Projection([(t("attn_q"), q_rows), (t("attn_k"), kv_rows), (t("attn_v"), kv_rows)], kernels)
             if a.qkv_bias:  # a bias is sliced like its matrix's output rows
                 qkv_bias = np.concatenate([vec(f"blk.{i}.attn_{p}.bias")[r0:r1]
                                            for p, (r0, r1) in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))])
         layers.append(LayerWeights(
             attn_norm=vec(f"blk.{i}.attn_norm.weight"),
             qkv=qkv,
-            wo=RowParallel.load(t("attn_output"), h0 * hd, h1 * hd),
+            wo=RowParallel.load(t("attn_output"), h0 * hd, h1 * hd, kernels),
             ffn_norm=vec(f"blk.{i}.ffn_norm.weight"),
-            gate_up=Projection([(t("ffn_gate"), (f0, f1)), (t("ffn_up"), (f0, f1))]),
-            down=RowParallel.load(t("ffn_down"), f0, f1),
+            gate_up=Projection([(t("ffn_gate"), (f0, f1)), (t("ffn_up"), (f0, f1))], kernels),
+            down=RowParallel.load(t("ffn_down"), f0, f1, kernels),
             qkv_bias=qkv_bias,
             # Norms act on whole vectors (a head, or the all-reduced output): every peer holds them.
             q_norm=opt("attn_q_norm.weight", a.qk_norm),
@@ -178,11 +183,11 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
         ))
         for name in c.layer_tensors(i):
             model.release(name)  # copied: keep peak RSS near the shard's size
-    def vocab_rows(name: str) -> QuantMatrix:
+    def vocab_rows(name: str):
         # The biggest tensors (28 MB for SmolLM2): drop file pages as the rows are repacked,
         # or they would sit in RSS next to their copy (measured: +30 MB peak at P=1).
         info = model.tensor(name)
-        return QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(info.raw[v0:v1]), v1 - v0, info.cols,
+        return kernels.matrix(info.qtype, np.ascontiguousarray(info.raw[v0:v1]), v1 - v0, info.cols,
                                     rows_done=lambda r: model.release(name, (v0, v0 + r)))
 
     release_free_memory()  # the layers' load temporaries, before the biggest matrix arrives
@@ -191,7 +196,7 @@ def load_shard(model: ModelFile, shard: PeerShard) -> ShardWeights:
     for name in ("token_embd.weight", "output.weight"):
         if model.has(name):
             model.release(name)
-    return ShardWeights(c, shard, layers, embed, output, vec("output_norm.weight"))
+    return ShardWeights(c, shard, layers, embed, output, vec("output_norm.weight"), kernels)
 
 
 def ffn_block_size(model: ModelFile) -> int:

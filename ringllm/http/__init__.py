@@ -1,0 +1,11 @@
+"""Every peer's HTTP API (aiohttp).
+
+- :mod:`ringllm.http.app`: the app (:func:`~ringllm.http.app.make_app`), routes, ``/health``,
+  ``/metrics``, authentication and the error middleware.
+- :mod:`ringllm.http.validate`: one validator for both APIs' request bodies, into a frozen
+  :class:`~ringllm.http.validate.ApiRequest`.
+- :mod:`ringllm.http.plumbing`: what the handlers share (app keys, error shapes, running one
+  request while watching its client).
+- :mod:`ringllm.http.native`: ``POST /ringllm/v1/generate`` (NDJSON).
+- :mod:`ringllm.http.openai_api`: the OpenAI-compatible endpoints (JSON and server-sent events).
+"""

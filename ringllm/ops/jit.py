@@ -1,0 +1,599 @@
+"""Compiled kernels (numba): matrix products that read the packed codes and multiply in registers.
+
+numpy multiplies fast only in float32 BLAS, so the numpy kernels (:mod:`ringllm.ops.quant`)
+must write every weight out as a float32 and read it back, every token. These kernels decode a
+group of codes in registers and multiply it straight away, so a weight costs its packed bytes
+of memory traffic and a few vector instructions.
+
+Layout (row-major; one row's bytes are contiguous, so a thread streams its own rows)
+-------------------------------------------------------------------------------------
+Every quantized type is reduced at load, exactly as :mod:`ringllm.ops.quant` does, to unsigned
+codes ``c`` and float32 scales per group of ``gs`` values::
+
+    w[r, g*gs + j] = d[r, g] * c[r, g, j] + m[r, g]      (types with a min: Q4_1 Q5_1 Q4_K Q5_K)
+    w[r, g*gs + j] = d[r, g] * (c[r, g, j] - offset)      (Q4_0: 8, Q5_0: 16, Q8_0: 128, Q6_K: 32)
+
+K-quant sub-block scales are folded into ``d`` and ``m`` as gguf computes them, so the values
+are gguf's bit for bit. The codes are held as:
+
+==========================  ====  ==========================================================
+types                       gs    per group of one row
+==========================  ====  ==========================================================
+Q4_0 Q4_1 Q4_K  (fmt NIB4)  32    ``qs``: 16 bytes, byte j = c[j] | c[j+16] << 4
+Q5_0 Q5_1 Q5_K  (fmt NIB5)  32    ``qs`` as NIB4 (low 4 bits) + ``qh``: uint32, bit j = c[j] >> 4
+Q8_0            (fmt BYTE)  32    ``qs``: 32 bytes, c[j] (= int8 q + 128)
+Q6_K            (fmt Q6)    16    ``qs``: 8 bytes, byte j = low4(c[j]) | low4(c[j+8]) << 4,
+                                  + ``qh``: uint32, bits 2j..2j+1 = c[j] >> 4
+==========================  ====  ==========================================================
+
+plus ``d`` (rows, G) float32 and, for types with a min, ``m`` (rows, G) float32. Held bytes per
+GGUF byte: Q4_0 1.11, Q4_1 1.20, Q4_K 1.33, Q5_0 1.09, Q5_1 1.17, Q5_K 1.27, Q8_0 1.06, Q6_K
+1.22. Float matrices keep their own bits: F32 (rows, cols) float32 goes to BLAS; F16 and BF16
+(rows, cols) uint16 are widened in registers.
+
+The products: ``y[i, r] = sum_g d[r,g] * sum_j c[r,g,j] x[i,g,j] + a[r,g] * s[i,g]`` with
+``s[i, g] = sum_j x[i, g, j]`` (computed once per call) and ``a = m`` or ``-offset * d``. One
+row of x (decode) runs a kernel that decodes and multiplies in one pass; a few rows (a decode
+batch) decode each group once into registers and use it for every row; many rows (prefill)
+dequantize blocks of rows to float32 and call BLAS sgemm, which wins there (measured, see
+``GEMM_MIN_N``).
+
+Threads: every kernel is ``parallel=True`` over fixed blocks of ``ROW_BLOCK`` rows (numba's
+OpenMP layer, which may be entered from several Python threads at once); a row's arithmetic
+never depends on which thread or how many computed it, so results do not depend on the thread
+count. Kernels release the GIL (``nogil``), so the asyncio loop runs beside them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ringllm.errors import ModelError
+
+# numba must pick a thread-safe layer before the first parallel kernel compiles: the default
+# workqueue layer aborts when two Python threads (two peers in one test process, a pipelined
+# prefill) enter parallel kernels at once. OpenMP (libgomp) is thread-safe and ships with gcc.
+import numba  # noqa: E402
+
+from ringllm.fetch import cache_dir as _ringllm_cache  # noqa: E402
+
+numba.config.THREADING_LAYER = "omp"
+# Compiled kernels are cached on disk beside ringllm's models (not in site-packages, which may
+# be read-only); must be set before the decorators below run.
+_CACHE = _ringllm_cache() / "numba"
+numba.config.CACHE_DIR = str(_CACHE)
+from numba import njit, prange  # noqa: E402
+
+from gguf import GGMLQuantizationType  # noqa: E402
+
+from ringllm.ops import quant  # noqa: E402  (the reference unpackers and type facts)
+
+QT = GGMLQuantizationType
+_F32 = np.float32
+
+# Rows per unit of parallel work. Fixed, so a row's result is the same for any thread count.
+ROW_BLOCK = 16
+# With at least this many rows of x, dequantize to float32 and use BLAS sgemm (prefill).
+GEMM_MIN_N = 16
+# Prefill dequantizes this many weights at a time before each sgemm.
+_GEMM_CHUNK_WEIGHTS = 1 << 18
+
+_JIT = dict(nogil=True, cache=True, fastmath=True)
+_JITP = dict(parallel=True, **_JIT)
+# Dequantization must round like gguf (d*q, then + m): no fused multiply-add, so no fastmath.
+_JIT_EXACT = dict(nogil=True, cache=True, parallel=True)
+
+NIB4, NIB5, BYTE, Q6 = 0, 1, 2, 3
+_FORMAT = {QT.Q4_0: NIB4, QT.Q4_1: NIB4, QT.Q4_K: NIB4,
+           QT.Q5_0: NIB5, QT.Q5_1: NIB5, QT.Q5_K: NIB5,
+           QT.Q8_0: BYTE, QT.Q6_K: Q6}
+_FLOATS = (QT.F32, QT.F16, QT.BF16)
+
+
+# ----------------------------------------------------------------------------- decoding
+#
+# ``_pair(fmt, qs, qh, r, g, j)`` gives the codes of values j and j + gs/2 of group g of row r
+# as float32: ``lo`` as it is and ``hi`` times ``_HI[fmt]`` (16 for the nibble formats: the
+# high nibble is read as ``b & 0xF0`` and x is scaled by 1/16 instead, exactly). Everything
+# stays in 32-bit lanes: numba types a shift of int32 as int64, and the 64-bit lanes LLVM then
+# used ran 2x slower (measured); bits of ``qh`` are tested against constant masks instead.
+
+_I = np.int32
+_BITS = np.array([np.int32(np.uint32(1 << k).view(np.int32)) for k in range(32)], np.int32)
+_HI = np.array([16.0, 16.0, 1.0, 16.0], np.float32)  # by format: NIB4, NIB5, BYTE, Q6
+
+
+@njit(inline="always", **_JIT)
+def _pair_nib4(qs, qh, r, g, j):
+    b = _I(qs[r, g * 16 + j])
+    return _F32(b & _I(15)), _F32(b & _I(240))
+
+
+@njit(inline="always", **_JIT)
+def _pair_nib5(qs, qh, r, g, j):
+    b = _I(qs[r, g * 16 + j])
+    h = _I(qh[r, g])
+    lo = _F32(b & _I(15)) + (_F32(16) if h & _BITS[j] else _F32(0))
+    hi = _F32(b & _I(240)) + (_F32(256) if h & _BITS[j + 16] else _F32(0))
+    return lo, hi
+
+
+@njit(inline="always", **_JIT)
+def _pair_byte(qs, qh, r, g, j):
+    return _F32(_I(qs[r, g * 32 + j])), _F32(_I(qs[r, g * 32 + 16 + j]))
+
+
+@njit(inline="always", **_JIT)
+def _pair_q6(qs, qh, r, g, j):
+    b = _I(qs[r, g * 8 + j])
+    h = _I(qh[r, g])
+    lo = (_F32(b & _I(15)) + (_F32(16) if h & _BITS[2 * j] else _F32(0))
+          + (_F32(32) if h & _BITS[2 * j + 1] else _F32(0)))
+    hi = (_F32(b & _I(240)) + (_F32(256) if h & _BITS[2 * j + 16] else _F32(0))
+          + (_F32(512) if h & _BITS[2 * j + 17] else _F32(0)))
+    return lo, hi
+
+
+@njit(inline="always", **_JIT)
+def _pair(fmt, qs, qh, r, g, j):
+    """The format is a plain argument, not a function passed in: numba cannot cache kernels
+    that take functions, and typing one on every call cost more than the kernel (measured).
+    Call it only with a literal ``fmt`` (see _quad's callers): with a runtime one, LLVM
+    if-converts the four decoders into one loop that computes all of them (measured 2-3x
+    slower)."""
+    if fmt == NIB4:
+        return _pair_nib4(qs, qh, r, g, j)
+    if fmt == NIB5:
+        return _pair_nib5(qs, qh, r, g, j)
+    if fmt == BYTE:
+        return _pair_byte(qs, qh, r, g, j)
+    return _pair_q6(qs, qh, r, g, j)
+
+
+# ----------------------------------------------------------------------------- products
+#
+# Four rows at a time share each load of x; a group's sum stays a register until it is
+# scaled. Measured here (SmolLM2's 1536x576 Q4_1 matrix, one thread, hot cache): one row at a
+# time 0.8-1.1 ns/weight, four at a time 0.2-0.45 (the box was loaded; same run).
+
+
+@njit(inline="always", **_JIT)
+def _quad(fmt, half, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc):
+    """sum_g scale(sum_j c[row, g, j] x[g, j]) for four rows at once. Inlined where ``half``
+    is a literal, so the inner loop's trip count is a constant (a runtime ``half`` measured
+    2x slower: LLVM then vectorizes it for any length)."""
+    a0 = a1 = a2 = a3 = _F32(0)
+    inv_hi = _F32(1) / _HI[fmt]  # a power of two: x * inv_hi is exact
+    for g in range(d.shape[1]):
+        s0 = s1 = s2 = s3 = _F32(0)
+        x0 = g * 2 * half
+        for j in range(half):
+            xl, xh = x[x0 + j], x[x0 + half + j] * inv_hi
+            lo, hi = _pair(fmt, qs, qh, r, g, j)
+            s0 += lo * xl + hi * xh
+            lo, hi = _pair(fmt, qs, qh, ra, g, j)
+            s1 += lo * xl + hi * xh
+            lo, hi = _pair(fmt, qs, qh, rb, g, j)
+            s2 += lo * xl + hi * xh
+            lo, hi = _pair(fmt, qs, qh, rc, g, j)
+            s3 += lo * xl + hi * xh
+        xg = xs[g]
+        if has_m:
+            a0 += d[r, g] * s0 + m[r, g] * xg
+            a1 += d[ra, g] * s1 + m[ra, g] * xg
+            a2 += d[rb, g] * s2 + m[rb, g] * xg
+            a3 += d[rc, g] * s3 + m[rc, g] * xg
+        else:
+            a0 += d[r, g] * (s0 - off * xg)
+            a1 += d[ra, g] * (s1 - off * xg)
+            a2 += d[rb, g] * (s2 - off * xg)
+            a3 += d[rc, g] * (s3 - off * xg)
+    return a0, a1, a2, a3
+
+
+@njit(**_JITP)
+def _gemv(fmt, qs, qh, d, m, off, x, xs, out):
+    """One row of x: y[r] = sum_g scale(sum_j c[r, g, j] x[g, j]), four rows at a time."""
+    rows = d.shape[0]
+    has_m = m.shape[0] == rows
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = blk * ROW_BLOCK
+        r1 = min(rows, r0 + ROW_BLOCK)
+        r = r0
+        while r < r1:  # rows r..r+3, the last one repeated where fewer remain (not stored)
+            ra, rb, rc = min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1)
+            if fmt == NIB4:
+                a0, a1, a2, a3 = _quad(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            elif fmt == NIB5:
+                a0, a1, a2, a3 = _quad(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            elif fmt == BYTE:
+                a0, a1, a2, a3 = _quad(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            else:
+                a0, a1, a2, a3 = _quad(Q6, 8, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+            out[r] = a0
+            if r + 1 < r1:
+                out[r + 1] = a1
+            if r + 2 < r1:
+                out[r + 2] = a2
+            if r + 3 < r1:
+                out[r + 3] = a3
+            r += 4
+
+
+@njit(inline="always", **_JIT)
+def _quad2(fmt, half, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, out):
+    """Rows x[i], x[i+1] times four weight rows: each code decoded once for both rows of x
+    (eight sums live in registers; more rows of x at once spilled them, measured)."""
+    inv_hi = _F32(1) / _HI[fmt]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _F32(0)
+    for g in range(d.shape[1]):
+        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _F32(0)
+        x0 = g * 2 * half
+        for j in range(half):
+            pl, ph = x[i, x0 + j], x[i, x0 + half + j] * inv_hi
+            ql, qh_ = x[i + 1, x0 + j], x[i + 1, x0 + half + j] * inv_hi
+            lo, hi = _pair(fmt, qs, qh, r, g, j)
+            s00 += lo * pl + hi * ph
+            s10 += lo * ql + hi * qh_
+            lo, hi = _pair(fmt, qs, qh, ra, g, j)
+            s01 += lo * pl + hi * ph
+            s11 += lo * ql + hi * qh_
+            lo, hi = _pair(fmt, qs, qh, rb, g, j)
+            s02 += lo * pl + hi * ph
+            s12 += lo * ql + hi * qh_
+            lo, hi = _pair(fmt, qs, qh, rc, g, j)
+            s03 += lo * pl + hi * ph
+            s13 += lo * ql + hi * qh_
+        xp, xq = xs[i, g], xs[i + 1, g]
+        if has_m:
+            a00 += d[r, g] * s00 + m[r, g] * xp
+            a01 += d[ra, g] * s01 + m[ra, g] * xp
+            a02 += d[rb, g] * s02 + m[rb, g] * xp
+            a03 += d[rc, g] * s03 + m[rc, g] * xp
+            a10 += d[r, g] * s10 + m[r, g] * xq
+            a11 += d[ra, g] * s11 + m[ra, g] * xq
+            a12 += d[rb, g] * s12 + m[rb, g] * xq
+            a13 += d[rc, g] * s13 + m[rc, g] * xq
+        else:
+            a00 += d[r, g] * (s00 - off * xp)
+            a01 += d[ra, g] * (s01 - off * xp)
+            a02 += d[rb, g] * (s02 - off * xp)
+            a03 += d[rc, g] * (s03 - off * xp)
+            a10 += d[r, g] * (s10 - off * xq)
+            a11 += d[ra, g] * (s11 - off * xq)
+            a12 += d[rb, g] * (s12 - off * xq)
+            a13 += d[rc, g] * (s13 - off * xq)
+    out[0, 0], out[0, 1], out[0, 2], out[0, 3] = a00, a01, a02, a03
+    out[1, 0], out[1, 1], out[1, 2], out[1, 3] = a10, a11, a12, a13
+
+
+@njit(**_JITP)
+def _gemm_small(fmt, qs, qh, d, m, off, x, xs, out):
+    """A few rows of x (a decode batch): two rows of x at a time share each decoded code, the
+    odd one out runs the one-row path. Every row of out is computed by the same arithmetic
+    whatever n is, except that the pairing decides which sums share registers, not the order."""
+    rows = d.shape[0]
+    n = x.shape[0]
+    has_m = m.shape[0] == rows
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        t = np.empty((2, 4), _F32)
+        r0 = blk * ROW_BLOCK
+        r1 = min(rows, r0 + ROW_BLOCK)
+        r = r0
+        while r < r1:
+            ra, rb, rc = min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1)
+            k = min(4, r1 - r)
+            for i in range(0, n - 1, 2):
+                if fmt == NIB4:
+                    _quad2(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
+                elif fmt == NIB5:
+                    _quad2(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
+                elif fmt == BYTE:
+                    _quad2(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
+                else:
+                    _quad2(Q6, 8, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
+                for c in range(k):
+                    out[i, r + c] = t[0, c]
+                    out[i + 1, r + c] = t[1, c]
+            if n % 2:
+                xl = x[n - 1]
+                sl = xs[n - 1]
+                if fmt == NIB4:
+                    a = _quad(NIB4, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                elif fmt == NIB5:
+                    a = _quad(NIB5, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                elif fmt == BYTE:
+                    a = _quad(BYTE, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                else:
+                    a = _quad(Q6, 8, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
+                for c in range(k):
+                    out[n - 1, r + c] = a[c]
+            r += 4
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _dequant_row(fmt, half, qs, qh, d, m, has_m, off, r, out, t):
+    inv_hi = _F32(1) / _HI[fmt]
+    for g in range(d.shape[1]):
+        dg = d[r, g]
+        x0 = g * 2 * half
+        for j in range(half):
+            lo, hi = _pair(fmt, qs, qh, r, g, j)
+            hi *= inv_hi
+            if has_m:
+                out[t, x0 + j] = dg * lo + m[r, g]
+                out[t, x0 + half + j] = dg * hi + m[r, g]
+            else:
+                out[t, x0 + j] = dg * (lo - off)
+                out[t, x0 + half + j] = dg * (hi - off)
+
+
+@njit(**_JIT_EXACT)
+def _dequant_rows(fmt, qs, qh, d, m, off, r0, out):
+    """Rows [r0, r0 + len(out)) as float32, gguf's values bit for bit (d*(c-off), d*c + m)."""
+    has_m = m.shape[0] == d.shape[0]
+    for t in prange(out.shape[0]):
+        r = r0 + t
+        if fmt == NIB4:
+            _dequant_row(NIB4, 16, qs, qh, d, m, has_m, off, r, out, t)
+        elif fmt == NIB5:
+            _dequant_row(NIB5, 16, qs, qh, d, m, has_m, off, r, out, t)
+        elif fmt == BYTE:
+            _dequant_row(BYTE, 16, qs, qh, d, m, has_m, off, r, out, t)
+        else:
+            _dequant_row(Q6, 8, qs, qh, d, m, has_m, off, r, out, t)
+
+
+# F16 / BF16: widened in registers from their bits with exact power-of-two tables.
+_F16_POW = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], _F32)  # (1024 + m) * 2**(e-25)
+_BF16_POW = np.array([2.0 ** (max(e, 1) - 134) for e in range(256)], np.float64).astype(_F32)
+
+
+@njit(inline="always", **_JIT)
+def _half(h, kind, f16pow, bfpow):
+    if kind == 0:  # F16: sign 1, exponent 5, mantissa 10
+        e = (h >> 10) & 31
+        mant = h & 1023
+        v = _F32(mant + (1024 if e else 0)) * f16pow[e]
+        return -v if h & 0x8000 else v
+    e = (h >> 7) & 255  # BF16: sign 1, exponent 8, mantissa 7
+    mant = h & 127
+    v = _F32(mant + (128 if e else 0)) * bfpow[e]
+    return -v if h & 0x8000 else v
+
+
+@njit(**_JITP)
+def _gemm_half(kind, w16, x, out, f16pow, bfpow):
+    rows, K = w16.shape
+    n = x.shape[0]
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        wf = np.empty(K, _F32)
+        for r in range(blk * ROW_BLOCK, min(rows, blk * ROW_BLOCK + ROW_BLOCK)):
+            for k in range(K):
+                wf[k] = _half(w16[r, k], kind, f16pow, bfpow)
+            for i in range(n):
+                s = _F32(0)
+                for k in range(K):
+                    s += wf[k] * x[i, k]
+                out[i, r] = s
+
+
+@njit(**_JITP)
+def _widen_half(kind, w16, idx, out, f16pow, bfpow):
+    for t in prange(idx.shape[0]):
+        r = idx[t]
+        for k in range(w16.shape[1]):
+            out[t, k] = _half(w16[r, k], kind, f16pow, bfpow)
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+def _pack(fmt: int, codes: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """codes (r, cols) unsigned -> (qs, qh) in this module's layout (see the module doc)."""
+    r, cols = codes.shape
+    G = cols // gs
+    c = codes.reshape(r, G, gs).astype(np.uint32)
+    if fmt == BYTE:
+        return c.astype(np.uint8).reshape(r, cols), None
+    half = gs // 2
+    lo, hi = c[:, :, :half], c[:, :, half:]
+    qs = ((lo & 15) | ((hi & 15) << 4)).astype(np.uint8).reshape(r, G * half)
+    if fmt == NIB4:
+        return qs, None
+    bits = 1 if fmt == NIB5 else 2
+    top = c >> 4  # (r, G, gs)
+    if fmt == NIB5:  # bit j: value j's 5th bit, values 0..31 in order
+        shifts = np.arange(32, dtype=np.uint32)
+    else:  # Q6: value j < 8 at bits 2j, value 8 + j at 16 + 2j
+        shifts = np.concatenate([2 * np.arange(8), 16 + 2 * np.arange(8)]).astype(np.uint32)
+    qh = np.bitwise_or.reduce((top & ((1 << bits) - 1)) << shifts, axis=2).astype(np.uint32)
+    return qs, qh
+
+
+_EMPTY = np.zeros((0, 0), _F32)
+_EMPTY_U32 = np.zeros((0, 0), np.uint32)
+
+
+class JitMatrix:
+    """A weight matrix W (rows, cols) held for the compiled kernels. y = W @ x.
+
+    The same contract as :class:`ringllm.ops.quant.QuantMatrix` (``matvec``, ``matmul``,
+    ``rows_f32``, ``dequantize``, ``nbytes``); results agree with it to float32 rounding
+    (sums run in another order), and ``rows_f32``/``dequantize`` are gguf's values exactly.
+    """
+
+    def __init__(self, qtype, rows: int, cols: int, qs: np.ndarray, qh: np.ndarray | None,
+                 d: np.ndarray | None, m: np.ndarray | None) -> None:
+        self.qtype, self.rows, self.cols = QT(qtype), rows, cols
+        self._qs, self._qh, self._d, self._m = qs, qh, d, m
+        self._fmt = _FORMAT.get(self.qtype)
+        if self._fmt is not None:
+            codec = quant.codec(self.qtype)
+            self._gs, self._off = codec.gs, _F32(codec.offset)
+
+    # -- construction
+
+    @classmethod
+    def from_raw(cls, qtype, raw: np.ndarray, rows: int, cols: int,
+                 rows_done: Callable[[int], None] | None = None) -> "JitMatrix":
+        """raw: uint8 (rows, row_bytes) as stored in the GGUF (may be a read-only memmap view).
+        Converted in blocks of rows, so transient memory stays small; ``rows_done(r)`` is
+        called once rows [0, r) are copied. Errors as :meth:`QuantMatrix.from_raw`."""
+        quant.check_raw(qtype, raw, rows, cols)
+        qtype = QT(qtype)
+        if qtype in _FLOATS:
+            if qtype == QT.F32:
+                w = np.array(np.asarray(raw).view(_F32).reshape(rows, cols))
+            else:
+                w = np.array(np.asarray(raw).view(np.uint16).reshape(rows, cols))
+                if qtype == QT.F16 and np.any((w & 0x7C00) == 0x7C00):
+                    raise ModelError("F16 matrix holds Inf/NaN weights")
+            if rows_done is not None:
+                rows_done(rows)
+            return cls(qtype, rows, cols, w, None, None, None)
+        codec = quant.codec(qtype)
+        fmt, gs = _FORMAT[qtype], codec.gs
+        G = cols // gs
+        qs = np.empty((rows, G * (gs if fmt == BYTE else gs // 2)), np.uint8)
+        qh = np.empty((rows, G), np.uint32) if fmt in (NIB5, Q6) else None
+        d = np.empty((rows, G), _F32)
+        m = np.empty((rows, G), _F32) if codec.has_m else None
+        step = max(1, (1 << 18) // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            codes, dr, mr = codec.unpack(np.asarray(raw[r0:r1]), cols)
+            q, h = _pack(fmt, codes, gs)
+            qs[r0:r1] = q
+            if qh is not None:
+                qh[r0:r1] = h
+            d[r0:r1] = dr
+            if m is not None:
+                m[r0:r1] = mr
+            if rows_done is not None:
+                rows_done(r1)
+        return cls(qtype, rows, cols, qs, qh, d, m)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._qs, self._qh, self._d, self._m) if a is not None)
+
+    def __repr__(self) -> str:
+        return f"JitMatrix({self.qtype.name}, {self.rows}x{self.cols}, {self.nbytes / 2**20:.2f} MiB)"
+
+    # -- products
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """y = W @ x for x float32 (cols,); returns float32 (rows,), written to ``out`` if given."""
+        x = np.ascontiguousarray(x, dtype=_F32)
+        if x.shape != (self.cols,):
+            raise ValueError(f"matvec expects x of shape ({self.cols},), got {x.shape}")
+        if out is None:
+            out = np.empty(self.rows, _F32)
+        elif out.shape != (self.rows,) or out.dtype != _F32:
+            raise ValueError(f"out must be float32 ({self.rows},), got {out.dtype} {out.shape}")
+        self._product(x[None, :], out[None, :])
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for x float32 (n, cols); returns float32 (n, rows)."""
+        x = np.ascontiguousarray(x, dtype=_F32)
+        if x.ndim != 2 or x.shape[1] != self.cols:
+            raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
+        out = np.empty((x.shape[0], self.rows), _F32)
+        if x.shape[0]:
+            self._product(x, out)
+        return out
+
+    def _product(self, x: np.ndarray, out: np.ndarray) -> None:
+        n = x.shape[0]
+        if self.qtype == QT.F32:
+            np.matmul(x, self._qs.T, out=out)
+            return
+        if self._fmt is None:  # F16 / BF16
+            _gemm_half(0 if self.qtype == QT.F16 else 1, self._qs, x, out, _F16_POW, _BF16_POW)
+            return
+        if n >= GEMM_MIN_N:
+            self._gemm_blas(x, out)
+            return
+        G = self._d.shape[1]
+        xs = x.reshape(n, G, self._gs).sum(axis=2, dtype=_F32)
+        m = self._m if self._m is not None else _EMPTY
+        qh = self._qh if self._qh is not None else _EMPTY_U32
+        if n == 1:
+            _gemv(self._fmt, self._qs, qh, self._d, m, self._off, x[0], xs[0], out[0])
+        else:
+            _gemm_small(self._fmt, self._qs, qh, self._d, m, self._off, x, xs, out)
+
+    def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Prefill: dequantize blocks of rows (compiled, threaded) and sgemm each."""
+        step = max(ROW_BLOCK, _GEMM_CHUNK_WEIGHTS // self.cols // ROW_BLOCK * ROW_BLOCK)
+        buf = np.empty((min(step, self.rows), self.cols), _F32)
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            w = buf[: r1 - r0]
+            self._dequant_into(r0, w)
+            np.matmul(x, w.T, out=out[:, r0:r1])
+
+    def _dequant_into(self, r0: int, w: np.ndarray) -> None:
+        m = self._m if self._m is not None else _EMPTY
+        qh = self._qh if self._qh is not None else _EMPTY_U32
+        _dequant_rows(self._fmt, self._qs, qh, self._d, m, self._off, r0, w)
+
+    # -- dequantization
+
+    def rows_f32(self, idx: np.ndarray) -> np.ndarray:
+        """Dequantized rows W[idx] as float32 (len(idx), cols), bit-identical to gguf."""
+        idx = np.asarray(idx).reshape(-1)
+        if idx.size and (idx.min() < -self.rows or idx.max() >= self.rows):
+            raise IndexError(f"row index out of range for {self.rows} rows")
+        idx = idx.astype(np.int64) % self.rows
+        if self.qtype == QT.F32:
+            return self._qs[idx]
+        out = np.empty((len(idx), self.cols), _F32)
+        if self._fmt is None:
+            _widen_half(0 if self.qtype == QT.F16 else 1, self._qs, idx, out, _F16_POW, _BF16_POW)
+            return out
+        for t, r in enumerate(idx):  # one compiled call per row: embeddings look up a few
+            self._dequant_into(int(r), out[t:t + 1])
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """The whole matrix as float32 (rows, cols); for tests and debugging."""
+        if self.qtype == QT.F32:
+            return self._qs.copy()
+        if self._fmt is None:
+            return self.rows_f32(np.arange(self.rows))
+        out = np.empty((self.rows, self.cols), _F32)
+        self._dequant_into(0, out)
+        return out
+
+
+def cache_dir():
+    return _CACHE
+
+
+def _marker():
+    import hashlib
+
+    src = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:16]
+    return _CACHE / f"warm-{numba.__version__}-{src}"
+
+
+def cache_is_warm() -> bool:
+    """Whether this numba and this kernel source were compiled into the cache before."""
+    return _marker().is_file()
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel once, on a tiny zero matrix each."""
+    for qt in list(_FORMAT) + list(_FLOATS):
+        cols = 256
+        mat = JitMatrix.from_raw(qt, np.zeros((2, quant.row_bytes(qt, cols)), np.uint8), 2, cols)
+        for n in (1, 2, GEMM_MIN_N):
+            mat.matmul(np.ones((n, cols), _F32))
+        mat.rows_f32(np.array([0]))
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    _marker().touch()

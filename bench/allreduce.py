@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ringllm.ring.collectives import CHUNK_ELEMS, Collectives  # noqa: E402
 from ringllm.ring.handshake import HandshakeInfo  # noqa: E402
-from ringllm.ring.links import open_tcp_ring  # noqa: E402
+from ringllm.ring.formation import open_tcp_ring  # noqa: E402
 
 SECRET = b"bench-secret"
 

@@ -88,7 +88,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     from ringllm import runtime
     from ringllm.peer import Peer
     from ringllm.ring.handshake import HandshakeInfo
-    from ringllm.ring.links import RingListener, open_tcp_ring
+    from ringllm.ring.formation import RingListener, open_tcp_ring
     from ringllm.ring.tls import http_server_context, peer_contexts
     from ringllm.http.app import make_app
 

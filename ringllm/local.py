@@ -71,7 +71,8 @@ class LocalRing:
             await self._serve_http()
 
     async def _links(self, info, plan):
-        from ringllm.ring.links import memory_ring, open_tcp_ring
+        from ringllm.ring.formation import open_tcp_ring
+        from ringllm.ring.memory import memory_ring
 
         if self.link_kind == "memory" or self.size == 1:
             return memory_ring(self.size)

@@ -114,7 +114,7 @@ class Peer:
         # In a ring, the peer's model is built over the given one's shard with this ring's
         # all-reduces (building one is cheap: it shares the weights); alone, it is the given one.
         self.model = model if self.size == 1 else Transformer(
-            model.w, self.allreduce_sync, max_len=model.max_len, allreduce_exact=self.allreduce_exact_sync)
+            model.w, self.model_allreduce, max_len=model.max_len, allreduce_exact=self.model_allreduce_exact)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stats = PeerStats()
         self._counter = itertools.count()
@@ -392,11 +392,11 @@ class Peer:
         return choose_batch(logits, v0, [r.seq.request.sampling for r in batch], [len(r.seq.ids) for r in batch],
                             [r.seq.history for r in batch], self._gather_sync)
 
-    def allreduce_exact_sync(self, x: np.ndarray) -> np.ndarray:
+    def model_allreduce_exact(self, x: np.ndarray) -> np.ndarray:
         """The model's all-reduce for one-owner sums (the embedding): float32 on any wire."""
-        return self.allreduce_sync(x, exact=True)
+        return self.model_allreduce(x, exact=True)
 
-    def allreduce_sync(self, x: np.ndarray, exact: bool = False) -> np.ndarray:
+    def model_allreduce(self, x: np.ndarray, exact: bool = False) -> np.ndarray:
         """The model's all-reduce, called from the compute thread."""
         if self.size == 1:
             return x

@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ringllm.errors import LocalProtocolError, PeerLostError, RemoteProtocolError, RingError
-from ringllm.ring.collectives import (Collectives, dequantize_q8_0, dequantize_q8_0_residual, quantize_q8_0,
-                                      quantize_q8_0_residual)
+from ringllm.ring.codec import (dequantize_q8_0, dequantize_q8_0_residual, hadamard_rotate, quantize_q8_0,
+                                quantize_q8_0_residual)
+from ringllm.ring.collectives import Collectives
+from ringllm.ring.formation import open_tcp_ring
 from ringllm.ring.handshake import HandshakeInfo
-from ringllm.ring.links import memory_link_pair, memory_ring, open_tcp_ring
+from ringllm.ring.memory import memory_link_pair, memory_ring
 
 ALGOS = {"exchange": 1 << 62, "ring": 0}
 
@@ -56,8 +58,6 @@ def check_allreduce(outs, xs, wire: str, algo: str) -> None:
         # magnitude; exchange quantizes each rotated input once, the ring requantizes partial
         # sums (whose block amax is at most the sum of the inputs') once per hop. Rotating
         # back, an element's error is at most 1/8 of the sum of its 64-block's errors.
-        from ringllm.ring.collectives import hadamard_rotate
-
         hops = 1 if algo == "exchange" else p
         n = xs[0].size
         amax = sum(np.repeat(np.abs(hadamard_rotate(x.reshape(-1).astype(np.float32))).reshape(-1, 32).max(axis=1), 32)
@@ -526,3 +526,14 @@ def test_caller_buffer_reuse_is_safe_under_uvloop():
         outs = runner.run(main())
     assert outs[0].tobytes() == outs[1].tobytes()
     assert outs[0][0] == 3.0
+
+
+@pytest.mark.parametrize("wire", ["f32", "q8_0"])
+async def test_empty_allreduce_on_the_exchange(wire):
+    """An empty vector still makes a frame each way: its payload (an empty block array under
+    q8_0, whose shape has a zero) is sent as zero bytes, not refused by memoryview.cast."""
+    colls, rings = make(3, wire, "exchange")
+    outs = await run_all(colls, lambda r, c: c.allreduce(np.zeros(0, np.float32)))
+    assert all(o.shape == (0,) and o.dtype == np.float32 for o in outs)
+    for ring in rings:
+        ring.close()

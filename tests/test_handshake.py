@@ -189,7 +189,7 @@ async def test_driver_reports_peer_hanging_up():
 
 
 async def test_link_takes_over_bytes_buffered_during_handover():
-    from ringllm.ring.links import TcpLink
+    from ringllm.ring.tcp import TcpLink
 
     (ra, wa), (rb, wb) = await tcp_pair()
     async with asyncio.timeout(10):

@@ -23,7 +23,7 @@ import ringllm
 from ringllm.errors import HandshakeError, PeerLostError, RingError
 from ringllm.ring.collectives import Collectives
 from ringllm.ring.handshake import HandshakeInfo, handshake
-from ringllm.ring.links import RingListener, open_tcp_ring
+from ringllm.ring.formation import RingListener, open_tcp_ring
 from tests.peer_procs import Proxy, Ring, ring_toml
 
 HEARTBEAT, DEAD_AFTER = 0.5, 2.5

@@ -98,10 +98,19 @@ _FLOATS = (QT.F32, QT.F16, QT.BF16)
 # as float32: ``lo`` as it is and ``hi`` times ``_HI[fmt]`` (16 for the nibble formats: the
 # high nibble is read as ``b & 0xF0`` and x is scaled by 1/16 instead, exactly). Everything
 # stays in 32-bit lanes: numba types a shift of int32 as int64, and the 64-bit lanes LLVM then
-# used ran 2x slower (measured); bits of ``qh`` are tested against constant masks instead.
+# used ran 2x slower (measured); bits of ``qh`` are masked with constants and scaled instead
+# (a branch-free select per bit measured slower again for Q6_K).
 
 _I = np.int32
-_BITS = np.array([np.int32(np.uint32(1 << k).view(np.int32)) for k in range(32)], np.int32)
+# Masks for the high bits (applied to the low 16 bits of qh, or to qh >> 16, so the masked value
+# is a small positive int32), and the powers of two that turn a masked field into its share of
+# the code: exact in float32.
+_B1 = np.array([1 << k for k in range(16)], np.int32)
+_S1L = np.array([16.0 * 2.0 ** -k for k in range(16)], np.float32)
+_S1H = np.array([256.0 * 2.0 ** -k for k in range(16)], np.float32)
+_B2 = np.array([3 << 2 * k for k in range(8)], np.int32)
+_S2L = np.array([16.0 * 2.0 ** (-2 * k) for k in range(8)], np.float32)
+_S2H = np.array([256.0 * 2.0 ** (-2 * k) for k in range(8)], np.float32)
 _HI = np.array([16.0, 16.0, 1.0, 16.0], np.float32)  # by format: NIB4, NIB5, BYTE, Q6
 
 
@@ -115,8 +124,8 @@ def _pair_nib4(qs, qh, r, g, j):
 def _pair_nib5(qs, qh, r, g, j):
     b = _I(qs[r, g * 16 + j])
     h = _I(qh[r, g])
-    lo = _F32(b & _I(15)) + (_F32(16) if h & _BITS[j] else _F32(0))
-    hi = _F32(b & _I(240)) + (_F32(256) if h & _BITS[j + 16] else _F32(0))
+    lo = _F32(b & _I(15)) + _F32(h & _B1[j]) * _S1L[j]  # bit j, as 0 or 16
+    hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B1[j]) * _S1H[j]  # bit 16 + j, as 0 or 256
     return lo, hi
 
 
@@ -129,10 +138,8 @@ def _pair_byte(qs, qh, r, g, j):
 def _pair_q6(qs, qh, r, g, j):
     b = _I(qs[r, g * 8 + j])
     h = _I(qh[r, g])
-    lo = (_F32(b & _I(15)) + (_F32(16) if h & _BITS[2 * j] else _F32(0))
-          + (_F32(32) if h & _BITS[2 * j + 1] else _F32(0)))
-    hi = (_F32(b & _I(240)) + (_F32(256) if h & _BITS[2 * j + 16] else _F32(0))
-          + (_F32(512) if h & _BITS[2 * j + 17] else _F32(0)))
+    lo = _F32(b & _I(15)) + _F32(h & _B2[j]) * _S2L[j]  # bits 2j..2j+1, times 16
+    hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B2[j]) * _S2H[j]  # bits 16+2j.., times 256
     return lo, hi
 
 

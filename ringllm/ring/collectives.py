@@ -17,9 +17,13 @@ All-reduce algorithms (chosen by message size, identically on every peer):
   order starting at rank j; its final owner (rank j-1) sends the result's bytes on unchanged.
 
 Both give bit-identical results on every peer.  With ``wire="q8_0"`` vectors travel as GGML
-Q8_0 blocks, a pass over the value and one over its rounding error (see
-:func:`quantize_q8_0_residual`), and every peer, the sender included, uses the dequantized
-values; the ring algorithm requantizes partial sums at each hop (P-1 roundings instead of 1).
+Q8_0 blocks, a pass over the value and one over its rounding error (see ``codec.py``), and
+every peer, the sender included, uses the dequantized values; the ring algorithm requantizes
+partial sums at each hop (P-1 roundings instead of 1).
+
+Each collective is written once, as a program (see ``Program``) that two drivers run: on the
+event loop over the links' ``recv`` coroutines, or in a worker thread over links lent to it
+(blocking socket I/O, see :meth:`Collectives.lend_to_thread`).
 
 Error contract: a collective that raises (PeerLostError, RemoteProtocolError, timeout) or is
 cancelled leaves the ring out of step; the object then refuses every later call with the same
@@ -32,31 +36,22 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
 
 from ringllm.errors import LocalProtocolError, RemoteProtocolError, RingError
-from ringllm.ring.links import BlockingLink, Link, Pump, RingLinks, TcpLink
+from ringllm.ring.codec import CODECS, QK8_0, Codec, hadamard_rotate
+from ringllm.ring.links import JOIN_MAX, RingLinks
+from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, chunks, exchange_plan, segments, want
+from ringllm.ring.tcp import BlockingLink, lend_ring, take_back_ring
 from ringllm.ring.wire import Frame, encode_head
 
-__all__ = [
-    "CHUNK_ELEMS",
-    "SMALL_MAX_ELEMS",
-    "Collectives",
-    "dequantize_q8_0",
-    "quantize_q8_0",
-    "q8_0_nbytes",
-    "quantize_q8_0_residual",
-    "dequantize_q8_0_residual",
-]
+__all__ = ["CHUNK_ELEMS", "SMALL_MAX_ELEMS", "Collectives"]
 
 F32 = np.dtype(np.float32)
-QK8_0 = 32
-# GGML block_q8_0: { ggml_half d; int8_t qs[32]; } = 34 bytes, little-endian, no padding.
-Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (QK8_0,))])
-assert Q8_0_BLOCK.itemsize == 34
+_EXACT = CODECS["f32"]  # the codec of allreduce(exact=True)
 
 # Largest all-reduce (in float32 elements) that uses the exchange algorithm, per ring size.
 # Measured with bench/allreduce.py on 127.0.0.1 (docs/protocol.md, "Crossover"): for P=2 the
@@ -85,138 +80,10 @@ BORROW_MAX = 64 * 1024
 # and bounds what a long prefill on another peer costs in spinning.
 SPIN_SECONDS = 0.002
 
-
-# -- Q8_0 ---------------------------------------------------------------------------------
-# Orthonormal Sylvester-Hadamard matrix of order 64 (symmetric, so it is its own inverse).
-_H64 = np.array([[1.0]], np.float32)
-while _H64.shape[0] < 64:
-    _H64 = np.block([[_H64, _H64], [_H64, -_H64]])
-_H64 = (_H64 / 8.0).astype(np.float32)
-
-
-def hadamard_rotate(x: np.ndarray) -> np.ndarray:
-    """Rotate a flat float32 vector block-wise by H64 (zero-padded to a multiple of 64).
-
-    Applying it twice gives the vector back (cropped to the original length by the caller).
-    With ``wire = "q8_0"`` every peer rotates its partial before quantizing and the sum after:
-    activations of LLMs carry a few huge channels, and a Q8_0 block holding one rounds its 31
-    neighbours to nothing; rotated, each 64-value block shares the outlier's energy evenly.
-    On SmolLM2 this cuts the logit error of Q8_0 all-reduces from ~0.6 to ~0.15 and keeps
-    greedy output within the reference fixture's tolerance (plain Q8_0 does not).
-    """
-    n = x.size
-    pad = -n % 64
-    if pad:
-        x = np.concatenate([x, np.zeros(pad, np.float32)])
-    return (x.reshape(-1, 64) @ _H64).reshape(-1)
-
-
-def q8_0_nbytes(n: int) -> int:
-    """Bytes of ``n`` values in Q8_0 (the tail block is zero-padded)."""
-    return -(-n // QK8_0) * Q8_0_BLOCK.itemsize
-
-
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """Quantize float32 values to GGML Q8_0 blocks, bit-exact with ggml / gguf-py.
-
-    Returns a ``(ceil(n/32), 34)`` uint8 array of blocks; the tail is padded with zeros.  Same
-    math as ``quantize_row_q8_0_ref``: d = amax/127, q = roundf(x/d).
-    """
-    x = np.ascontiguousarray(x, dtype=F32).reshape(-1)
-    n = x.size
-    nb = -(-n // QK8_0)
-    out = np.empty((nb, Q8_0_BLOCK.itemsize), np.uint8)
-    if nb == 0:
-        return out
-    if n % QK8_0:
-        x = np.concatenate([x, np.zeros(nb * QK8_0 - n, F32)])
-    blocks = x.reshape(nb, QK8_0)
-    v = np.abs(blocks)
-    d = v.max(axis=1, keepdims=True)
-    d /= F32.type(127)
-    d16 = d.astype("<f2")
-    # A scale that is 0 in float16 (d <= 2**-25) decodes its block to zeros whatever the codes,
-    # so its codes are written as zeros: 1/d would overflow there (and gguf-py's codes for such
-    # a block are whatever NaN and inf cast to). Every other block is exactly gguf-py's.
-    inv = np.zeros_like(d)
-    np.divide(F32.type(1), d, out=inv, where=d16 != 0)
-    np.multiply(blocks, inv, out=v)
-    # roundf (half away from zero) exactly as gguf-py's np_roundf: floor(a) + floor(2*frac(a)).
-    # (trunc(v + 0.5) is not exact: 0.49999997 + 0.5 rounds up to 1.0 in float32.)
-    a = np.abs(v)
-    fl = np.floor(a)
-    a -= fl
-    a *= 2
-    np.floor(a, out=a)
-    a += fl
-    np.copysign(a, v, out=a)
-    out[:, :2] = d16.view(np.uint8)
-    out[:, 2:] = a.astype(np.int8).view(np.uint8)
-    return out
-
-
-def dequantize_q8_0(buf: Any, n: int) -> np.ndarray:
-    """Dequantize Q8_0 blocks (any bytes-like or block array) to ``n`` float32 values."""
-    raw = np.frombuffer(buf, np.uint8)
-    nb = raw.size // Q8_0_BLOCK.itemsize
-    if nb * QK8_0 < n or raw.size % Q8_0_BLOCK.itemsize:
-        raise ValueError(f"{raw.size} bytes are not Q8_0 blocks holding {n} values")
-    raw = raw.reshape(nb, Q8_0_BLOCK.itemsize)
-    d = raw[:, :2].copy().view("<f2").astype(F32)  # (nb, 1)
-    y = raw[:, 2:].view(np.int8).astype(F32)
-    y *= d
-    return y.reshape(-1)[:n]
-
-
-def quantize_q8_0_residual(x: np.ndarray) -> np.ndarray:
-    """The ``q8_0`` wire payload: Q8_0 blocks of ``x``, then Q8_0 blocks of what they left out
-    (``x - dequantize(first)``), as ``(2 * ceil(n/32), 34)`` uint8 blocks.
-
-    Why two passes: one Q8_0 pass, even Hadamard-rotated, moved SmolLM2's first-step top-20
-    log-probs by up to 0.20 (the fixture allows 0.05: the model's residual stream has a few
-    huge channels, so a block's scale is coarse for the rest). The residual pass divides the
-    rounding error by ~254: measured 0.0004-0.0006 at P=2..4, for 2.125 bytes a value instead
-    of 4 (f32) or 1.0625 (one pass).
-    """
-    x = np.ascontiguousarray(x, dtype=F32).reshape(-1)
-    first = quantize_q8_0(x)
-    rest = x - dequantize_q8_0(first, x.size)
-    return np.concatenate([first, quantize_q8_0(rest)])
-
-
-def dequantize_q8_0_residual(buf: Any, n: int) -> np.ndarray:
-    """Values of a :func:`quantize_q8_0_residual` payload (both halves summed)."""
-    raw = np.frombuffer(buf, np.uint8)
-    half = raw.size // 2
-    if raw.size != 2 * q8_0_nbytes(n):
-        raise ValueError(f"{raw.size} bytes are not two Q8_0 passes over {n} values")
-    return dequantize_q8_0(raw[:half], n) + dequantize_q8_0(raw[half:], n)
-
-
-# -- payload codecs: (encode: f32 array -> bytes-like, decode: (payload, n) -> f32 array) ------
-def _f32_encode(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _f32_decode(payload: Any, n: int) -> np.ndarray:
-    return np.frombuffer(payload, F32, count=n)
-
-
-_CODECS: dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any, int], np.ndarray],
-                         Callable[[int], int]]] = {
-    "f32": (_f32_encode, _f32_decode, lambda n: 4 * n),
-    "q8_0": (quantize_q8_0_residual, dequantize_q8_0_residual, lambda n: 2 * q8_0_nbytes(n)),
-}
-
-
-def _segments(n: int, parts: int) -> list[tuple[int, int]]:
-    """Cut ``range(n)`` into ``parts`` contiguous pieces with block-aligned inner boundaries."""
-    cuts = [min(n, (n * j // parts) // QK8_0 * QK8_0) for j in range(parts)] + [n]
-    return [(cuts[j], cuts[j + 1]) for j in range(parts)]
-
-
-def _chunks(a: int, b: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(b, s + size)) for s in range(a, b, size)]
+# A collective as the I/O-free code both drivers run: a generator that writes frames to
+# ``Collectives._io`` (the links of the call, next then prev), yields the Want for each frame
+# it needs and is sent that frame, checked; it returns the collective's result.
+Program = Generator[Want, Frame, Any]
 
 
 class Collectives:
@@ -227,6 +94,10 @@ class Collectives:
     crossover (``0`` forces the ring algorithm, a huge value the exchange).  Calls must not
     overlap: await one before starting the next.  ``spin`` lets a thread driving lent links
     busy-wait briefly for exchange frames (see SPIN_SECONDS).
+
+    Every collective is written once, as a program (see ``Program``) run by one of two
+    drivers: :meth:`_run` on the event loop over the links' coroutines, or :meth:`_run_lent`
+    in a worker thread over blocking lent links (see :meth:`lend_to_thread`).
     """
 
     def __init__(self, rank: int, size: int, links: RingLinks, wire: str = "f32", *,
@@ -234,11 +105,12 @@ class Collectives:
                  spin: bool = False) -> None:
         if (links.rank, links.size) != (rank, size):
             raise ValueError(f"links are for rank {links.rank}/{links.size}, not {rank}/{size}")
-        if wire not in _CODECS:
-            raise ValueError(f"wire format must be one of {sorted(_CODECS)}, not {wire!r}")
+        if wire not in CODECS:
+            raise ValueError(f"wire format must be one of {sorted(CODECS)}, not {wire!r}")
         if chunk_elems <= 0 or chunk_elems % QK8_0:
             raise ValueError(f"chunk_elems must be a positive multiple of {QK8_0}")
         self.rank, self.size, self.links, self.wire = rank, size, links, wire
+        self.codec: Codec = CODECS[wire]
         self.small_max_elems = (SMALL_MAX_ELEMS.get(size, SMALL_MAX_DEFAULT)
                                 if small_max_elems is None else small_max_elems)
         self.chunk_elems = chunk_elems
@@ -246,12 +118,12 @@ class Collectives:
         # only right when this peer's waiting thread has a core of its own (see Peer).
         self.spin = spin
         self.seq = 0
-        self._encode, self._decode, self._nbytes = _CODECS[wire]
         self._broken: BaseException | None = None
         self._busy = False
-        self._lent: RingLinks | None = None  # the loop's links while lent to a thread
+        # The links lent to a worker thread (next, prev); () for a ring of one; None: not lent.
+        self._lent: tuple[BlockingLink, ...] | None = None
+        self._io: tuple[Any, ...] = ()  # the links the running call writes to (next, prev)
         self._borrowed = False  # this call sent caller memory: flush before returning
-        self._driving = False
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -274,26 +146,11 @@ class Collectives:
         x = _contiguous(x, F32)
         if self.size == 1:
             return x.copy()
-        if exact and self.wire != "f32":
-            saved = self.wire, self._encode, self._decode, self._nbytes
-            self.wire = "f32"
-            self._encode, self._decode, self._nbytes = _CODECS["f32"]
-            try:
-                return (await self._allreduce_flat(x.reshape(-1))).reshape(x.shape)
-            finally:
-                self.wire, self._encode, self._decode, self._nbytes = saved
-        if self.wire == "q8_0":
-            # Sum in the Hadamard-rotated domain (see hadamard_rotate): sums commute with the
-            # rotation, and the rotation spreads outlier channels before 8-bit rounding.
-            flat = await self._allreduce_flat(hadamard_rotate(x.reshape(-1)))
-            return hadamard_rotate(flat)[: x.size].reshape(x.shape)
-        return (await self._allreduce_flat(x.reshape(-1))).reshape(x.shape)
-
-    async def _allreduce_flat(self, x: np.ndarray) -> np.ndarray:
-        n = x.size
-        if n > self.small_max_elems:
-            return await self._run(self._allreduce_ring, x)
-        return await self._run(self._allreduce_exchange, x, n)
+        codec = _EXACT if exact else self.codec
+        if codec.rotate:  # sum in the rotated domain (see hadamard_rotate)
+            flat = hadamard_rotate(x.reshape(-1))
+            return hadamard_rotate(await self._run(self._allreduce_program(flat.size), flat, codec))[: x.size].reshape(x.shape)
+        return (await self._run(self._allreduce_program(x.size), x.reshape(-1), codec)).reshape(x.shape)
 
     async def allgather(self, x: np.ndarray) -> list[np.ndarray]:
         """Every peer's array, indexed by rank (exact bytes; shapes/dtypes may differ by rank).
@@ -313,17 +170,22 @@ class Collectives:
 
         Returns a new array (a copy at the root).
         """
+        x = self._broadcast_input(x, root)
+        if self.size == 1:
+            return x.copy()  # type: ignore[union-attr]
+        return await self._run(self._broadcast, x, root)
+
+    def _broadcast_input(self, x: np.ndarray | None, root: int) -> np.ndarray | None:
         if not 0 <= root < self.size:
             raise LocalProtocolError(f"broadcast root {root} out of range for {self.size} peers")
-        if self.rank == root:
-            if x is None:
-                raise LocalProtocolError("the broadcast root must pass an array")
-            x = _contiguous(x)
-            if x.dtype.hasobject:
-                raise LocalProtocolError("cannot broadcast an object array")
-            if self.size == 1:
-                return x.copy()
-        return await self._run(self._broadcast, x, root)
+        if self.rank != root:
+            return x
+        if x is None:
+            raise LocalProtocolError("the broadcast root must pass an array")
+        x = _contiguous(x)
+        if x.dtype.hasobject:
+            raise LocalProtocolError("cannot broadcast an object array")
+        return x
 
     # -- calls from a worker thread (the model's compute thread) ---------------------------
     async def lend_to_thread(self) -> bool:
@@ -342,35 +204,19 @@ class Collectives:
         if self._busy:
             raise LocalProtocolError("cannot lend the ring during a collective")
         if self.size == 1:
-            self._lent = self.links
+            self._lent = ()
             return True
-        links = self.links.links
-        if not all(isinstance(link, TcpLink) for link in links):
+        lent = await lend_ring(self.links)
+        if lent is None:
             return False
-        for link in links:
-            await link.flush()  # type: ignore[attr-defined]
-        pump = Pump()
-        lent = []
-        try:
-            for link in links:
-                lent.append(link.lend(pump))  # type: ignore[attr-defined]
-        except BaseException:
-            for link in links[:len(lent)]:
-                link.take_back()  # type: ignore[attr-defined]
-            raise
-        nxt, prv = lent
-        self._lent = self.links
-        self.links = RingLinks(self.rank, self.size, nxt, prv)  # type: ignore[arg-type]
+        self._lent = lent
         return True
 
     def take_back(self) -> None:
         """End :meth:`lend_to_thread` (loop thread, after the worker is done); idempotent."""
         lent, self._lent = self._lent, None
-        if lent is None or lent is self.links:
-            return
-        self.links = lent
-        for link in lent.links:
-            link.take_back()  # type: ignore[attr-defined]
+        if lent:
+            take_back_ring(lent)  # type: ignore[arg-type]
 
     def allreduce_sync(self, x: np.ndarray, *, exact: bool = False) -> np.ndarray:
         """:meth:`allreduce` from a thread other than the event loop's; blocks.
@@ -380,46 +226,36 @@ class Collectives:
         ``run_coroutine_threadsafe(...).result()`` on the bench box, but still two thread
         wake-ups).  Exceptions propagate.
         """
-        if self._lent is not None:
-            x = _contiguous(x, F32)
-            if (self.size > 1 and isinstance(self.links.next, BlockingLink)
-                    and x.size <= min(self.small_max_elems, BORROW_MAX // 4)):
-                # As allreduce() does it, without its coroutines (see _allreduce_exchange_lent).
-                if self.wire == "f32" or exact:
-                    return self._allreduce_exchange_lent(x.reshape(-1), *_CODECS["f32"]).reshape(x.shape)
-                flat = self._allreduce_exchange_lent(hadamard_rotate(x.reshape(-1)), self._encode,
-                                                     self._decode, self._nbytes)
-                return hadamard_rotate(flat)[: x.size].reshape(x.shape)
-            return self._drive(self.allreduce(x, exact=exact))
-        return self._from_thread(functools.partial(self.allreduce, exact=exact), x)
+        if self._lent is None:
+            return self._from_thread(functools.partial(self.allreduce, exact=exact), x)
+        x = _contiguous(x, F32)
+        if self.size == 1:
+            return x.copy()
+        codec = _EXACT if exact else self.codec
+        if codec.rotate:  # as allreduce() does it
+            flat = hadamard_rotate(x.reshape(-1))
+            return hadamard_rotate(self._run_lent(self._allreduce_program(flat.size), flat, codec))[: x.size].reshape(x.shape)
+        return self._run_lent(self._allreduce_program(x.size), x.reshape(-1), codec).reshape(x.shape)
 
     def allgather_sync(self, x: np.ndarray) -> list[np.ndarray]:
         """:meth:`allgather` from a worker thread (see :meth:`allreduce_sync`)."""
-        if self._lent is not None:
-            return self._drive(self.allgather(x))
-        return self._from_thread(self.allgather, x)
+        if self._lent is None:
+            return self._from_thread(self.allgather, x)
+        x = _contiguous(x)
+        if x.dtype.hasobject:
+            raise LocalProtocolError("cannot all-gather an object array")
+        if self.size == 1:
+            return [x.copy()]
+        return self._run_lent(self._allgather, x)
 
     def broadcast_sync(self, x: np.ndarray | None, root: int) -> np.ndarray:
         """:meth:`broadcast` from a worker thread (see :meth:`allreduce_sync`)."""
-        if self._lent is not None:
-            return self._drive(self.broadcast(x, root))
-        return self._from_thread(self.broadcast, x, root)
-
-    def _drive(self, coro: Any) -> Any:
-        """Run a collective's coroutine to completion in this thread.
-
-        With lent links nothing in it ever suspends (BlockingLink.recv blocks instead), so one
-        ``send(None)`` finishes it.
-        """
-        self._driving = True
-        try:
-            coro.send(None)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            self._driving = False
-        coro.close()
-        raise LocalProtocolError("a collective on lent links tried to wait on the event loop")
+        if self._lent is None:
+            return self._from_thread(self.broadcast, x, root)
+        x = self._broadcast_input(x, root)
+        if self.size == 1:
+            return x.copy()  # type: ignore[union-attr]
+        return self._run_lent(self._broadcast, x, root)
 
     def _from_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = self.loop
@@ -446,13 +282,82 @@ class Collectives:
         done.acquire()
         return box[0].result()
 
-    # -- machinery ------------------------------------------------------------------------------
-    def _refuse(self) -> None:
-        if self._lent is not None and not self._driving:
+    # -- the two drivers ------------------------------------------------------------------------
+    def _begin(self, lent: bool) -> None:
+        if self._broken is not None or self._busy or (self._lent is not None) != lent:
+            self._refuse(lent)
+        self._busy = True
+        self.seq += 1
+
+    async def _run(self, program: Callable[..., Program], *args: Any) -> Any:
+        """Run a collective's program on the event loop (the links' ``recv`` coroutines)."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self._begin(lent=False)
+        try:
+            links = self._io = (self.links.next, self.links.prev)
+            seq = self.seq
+            steps = program(*args)
+            try:
+                wanted = next(steps)
+                while True:
+                    link = links[wanted.side]
+                    wanted = steps.send(check_frame(link.peer, await link.recv(), seq, wanted))
+            except StopIteration as stop:
+                result = stop.value
+            if self._must_drain() or self._borrowed:
+                await self._drain()
+            return result
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._busy = False
+            self._borrowed = False
+
+    def _run_lent(self, program: Callable[..., Program], *args: Any) -> Any:
+        """Run a collective's program in this worker thread over the lent links (blocking).
+
+        A frame whose encoded head the program knows (the small all-reduce: 61 calls per
+        SmolLM2 token) is first awaited by ``BlockingLink.recv_expected``, a byte comparison
+        with no decoder; anything else goes through the decoder and :func:`check_frame`.
+        """
+        self._begin(lent=True)
+        try:
+            links = self._io = self._lent  # type: ignore[assignment]
+            seq = self.seq
+            spin_until = time.perf_counter() + SPIN_SECONDS if self.spin else 0.0
+            steps = program(*args)
+            send = steps.send
+            try:
+                wanted = next(steps)
+                while True:
+                    side, _, _, _, nbytes, head, header = wanted
+                    link = links[side]
+                    if head is not None:
+                        payload = link.recv_expected(head, nbytes, spin_until)
+                        if payload is not None:
+                            wanted = send(Frame("coll", header, payload))  # type: ignore[arg-type]
+                            continue
+                    wanted = send(check_frame(link.peer, link.recv_now(), seq, wanted))
+            except StopIteration as stop:
+                return stop.value
+            # Lent writes are complete when write returns: nothing to drain.
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._busy = False
+            self._borrowed = False
+
+    def _refuse(self, lent: bool) -> None:
+        if self._lent is not None and not lent:
             raise LocalProtocolError("the ring is lent to a worker thread: use the *_sync calls "
                                      "there, or take_back() first")
         if self._broken is not None:
             raise RingError(f"collectives unusable after an earlier failure: {self._broken!r}")
+        if self._lent is None and lent:
+            raise LocalProtocolError("the ring is not lent to this thread")
         raise LocalProtocolError("collective calls must not overlap")
 
     def _must_drain(self) -> bool:
@@ -473,195 +378,73 @@ class Collectives:
             self._borrowed = True
         return buf
 
-    async def _run(self, op: Callable[..., Any], *args: Any) -> Any:
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-        if self._broken is not None or self._busy or (self._lent is not None
-                                                     and not self._driving):
-            self._refuse()
-        self._busy = True
-        self.seq += 1
-        try:
-            result = await op(*args)
-            if self._must_drain() or self._borrowed:
-                await self._drain()
-            return result
-        except BaseException as exc:
-            self._broken = exc
-            raise
-        finally:
-            self._busy = False
-            self._borrowed = False
+    # -- the programs ---------------------------------------------------------------------------
+    def _exchange(self, op: str, header: dict[str, Any], payload: Any, *, n: int | None = None,
+                  nbytes: int | None = None) -> Generator[Want, Frame, list[tuple[str, Frame] | None]]:
+        """Pass ``payload`` both ways round the ring along :func:`exchange_plan`, forwarding
+        what arrives; returns, by origin rank, the (link peer, frame) of the other P-1 vectors.
 
-    async def _recv(self, link: Link, op: str, i: int) -> Frame:
-        frame = await link.recv()
-        h = frame.header
-        if frame.kind != "coll" or h["s"] != self.seq or h["o"] != op or h["i"] != i:
-            got = (f"{frame.kind!r} frame" if frame.kind != "coll"
-                   else f"seq {h['s']} op {h['o']!r} frame {h['i']}")
-            raise RemoteProtocolError(f"peer {link.peer} is out of step: got {got}, expected "
-                                      f"seq {self.seq} op {op!r} frame {i}")
-        return frame
+        With ``nbytes`` (every frame the same size, as in an all-reduce: same header all round)
+        the frames' heads are encoded once and a lent link compares bytes against them.
+        """
+        io, seq = self._io, self.seq
+        hdr = {"s": seq, "i": 0, "o": op, **header}
+        heads: list[bytes] = []
+        headers: list[dict[str, Any]] = []
+        if nbytes is not None and nbytes <= JOIN_MAX:  # far below any frame size limit
+            for i in range(self.size // 2):
+                headers.append({**hdr, "i": i} if i else hdr)
+                heads.append(encode_head("coll", headers[i], nbytes))
+            io[NEXT].write_head(heads[0], payload)
+            if self.size > 2:
+                io[PREV].write_head(heads[0], payload)
+        else:
+            io[NEXT].write("coll", hdr, payload)
+            if self.size > 2:
+                io[PREV].write("coll", hdr, payload)
+        got: list[tuple[str, Frame] | None] = [None] * self.size
+        for side, origin, i, forward in exchange_plan(self.rank, self.size):
+            frame = yield (want(side, op, i, n, nbytes, heads[i], headers[i]) if heads
+                           else want(side, op, i, n, nbytes))
+            got[origin] = io[side].peer, frame
+            if forward:
+                out = io[1 - side]
+                if heads:
+                    out.write_head(heads[i + 1], frame.payload)
+                else:
+                    out.write("coll", {**frame.header, "i": i + 1}, frame.payload)
+        return got
 
-    def _check_len(self, link: Link, frame: Frame, h: dict[str, Any], n: int, nbytes: int) -> None:
-        if frame.header.get("n") != h["n"]:
-            raise RemoteProtocolError(f"peer {link.peer} all-reduces {frame.header.get('n')!r} "
-                                      f"elements but we have {h['n']}")
-        if len(frame.payload) != nbytes:
-            raise RemoteProtocolError(f"peer {link.peer} sent {len(frame.payload)} payload bytes "
-                                      f"for {n} elements (expected {nbytes} in {self.wire})")
+    def _allreduce_program(self, n: int) -> Callable[[np.ndarray, Codec], Program]:
+        return self._allreduce_exchange if n <= self.small_max_elems else self._allreduce_ring
 
-    def _hops(self) -> tuple[int, int]:
-        """Hops each vector travels clockwise (to next) and counter-clockwise (to prev)."""
-        return self.size // 2, (self.size - 1) // 2
-
-    async def _exchange(self, op: str, header: dict[str, Any], payload: Any,
-                        on_frame: Callable[[int, Link, Frame], None]) -> None:
-        """Pass ``payload`` both ways round the ring, forwarding what arrives; call
-        ``on_frame(origin_rank, link, frame)`` for each of the other P-1 vectors."""
-        nxt, prv = self.links.next, self.links.prev
-        assert nxt is not None and prv is not None
-        cw, ccw = self._hops()
-        r, p = self.rank, self.size
-        hdr = {"s": self.seq, "i": 0, "o": op, **header}
-        nxt.write("coll", hdr, payload)
-        if ccw:
-            prv.write("coll", hdr, payload)
-        for hop in range(1, cw + 1):
-            # Clockwise vectors arrive from prev, in order of distance; counter-clockwise ones
-            # from next.  Interleaving keeps both directions moving.
-            frame = await self._recv(prv, op, hop - 1)
-            on_frame((r - hop) % p, prv, frame)
-            if hop < cw:
-                nxt.write("coll", {**frame.header, "i": hop}, frame.payload)
-            if hop <= ccw:
-                frame = await self._recv(nxt, op, hop - 1)
-                on_frame((r + hop) % p, nxt, frame)
-                if hop < ccw:
-                    prv.write("coll", {**frame.header, "i": hop}, frame.payload)
-
-    async def _allreduce_exchange(self, x: np.ndarray, n: int) -> np.ndarray:
-        # Written out flat rather than via _exchange: this is the latency-critical decode path.
-        nxt, prv = self.links.next, self.links.prev
-        assert nxt is not None and prv is not None
-        r, p, seq = self.rank, self.size, self.seq
-        cw, ccw = p // 2, (p - 1) // 2
-        f32 = self.wire == "f32"
-        decode, nbytes = self._decode, self._nbytes(n)
-        payload = x if f32 else self._encode(x)
-        if f32 and x.nbytes > BORROW_MAX:
-            self._borrowed = True
-        vals: list[Any] = [None] * p
-        # The sender uses exactly what the others will decode (identity for f32).
-        vals[r] = x.reshape(-1) if f32 else decode(payload, n)
-        hdr = {"s": seq, "i": 0, "o": "ar", "n": n}
-        nxt.write("coll", hdr, payload)
-        if ccw:
-            prv.write("coll", hdr, payload)
-        for hop in range(1, cw + 1):
-            # Clockwise vectors arrive from prev, nearest first; counter-clockwise ones from next.
-            frame = await prv.recv()
-            vals[(r - hop) % p] = decode(self._ar_payload(prv, frame, hop - 1, n, nbytes), n)
-            if hop < cw:
-                hdr["i"] = hop
-                nxt.write("coll", hdr, frame.payload)
-            if hop <= ccw:
-                frame = await nxt.recv()
-                vals[(r + hop) % p] = decode(self._ar_payload(nxt, frame, hop - 1, n, nbytes), n)
-                if hop < ccw:
-                    hdr["i"] = hop
-                    prv.write("coll", hdr, frame.payload)
+    def _allreduce_exchange(self, x: np.ndarray, codec: Codec) -> Program:
+        n = x.size
+        payload = x if codec.exact else codec.encode(x)
+        if codec.exact and x.nbytes > BORROW_MAX:
+            self._borrowed = True  # see BORROW_MAX
+        got = yield from self._exchange("ar", {"n": n}, payload, n=n, nbytes=codec.nbytes(n))
+        decode = codec.decode
+        vals: list[Any] = [None] * self.size
+        for r, g in enumerate(got):
+            if g is not None:
+                vals[r] = decode(g[1].payload, n)
+        # The sender uses exactly what the others decode (for an exact codec, its own array).
+        vals[self.rank] = x if codec.exact else decode(payload, n)
         acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1
         for v in vals[2:]:
             acc += v
-        return acc.reshape(x.shape)
+        return acc
 
-    def _allreduce_exchange_lent(self, x: np.ndarray, encode: Callable[..., Any], decode: Callable[..., Any],
-                                 nbytes_of: Callable[[int], int]) -> np.ndarray:
-        """The exchange all-reduce on lent links, as plain blocking code: the decode hot path
-        (61 calls per SmolLM2 token). Same frames, order and sum as :meth:`_allreduce_exchange`
-        (keep the two in step); frames go out pre-encoded and come in by
-        ``BlockingLink.recv_expected`` when they are byte for byte what this peer would send
-        at that point, else through the general decoder and its field-by-field checks. Why a
-        second copy of the hop loop: the same frame handling inside :meth:`_allreduce_exchange`,
-        reached through allreduce()'s coroutines, measured 67 vs 51 us median per call (P=2,
-        576 floats, six runs each), ~1 ms of a 52 ms token.
-        """
-        if self._broken is not None or self._busy:
-            self._refuse()
-        self._busy = True
-        self.seq += 1
-        try:
-            nxt, prv = self.links.next, self.links.prev
-            r, p, seq, n = self.rank, self.size, self.seq, x.size
-            cw, ccw = p // 2, (p - 1) // 2
-            f32 = encode is _f32_encode
-            nbytes = nbytes_of(n)
-            payload = memoryview(x if f32 else encode(x)).cast("B")
-            vals: list[Any] = [None] * p
-            vals[r] = x if f32 else decode(payload, n)
-            heads = [encode_head("coll", {"s": seq, "i": i, "o": "ar", "n": n}, nbytes) for i in range(cw)]
-            spin_until = time.perf_counter() + SPIN_SECONDS if self.spin else 0.0
-
-            def recv(link: BlockingLink, i: int) -> Any:
-                got = link.recv_expected(heads[i], nbytes, spin_until)
-                return got if got is not None else self._ar_payload(link, link.recv_now(), i, n, nbytes)
-
-            nxt.write_encoded(heads[0] + payload)
-            if ccw:
-                prv.write_encoded(heads[0] + payload)
-            for hop in range(1, cw + 1):
-                got = recv(prv, hop - 1)
-                vals[(r - hop) % p] = decode(got, n)
-                if hop < cw:
-                    nxt.write_encoded(heads[hop] + got)
-                if hop <= ccw:
-                    got = recv(nxt, hop - 1)
-                    vals[(r + hop) % p] = decode(got, n)
-                    if hop < ccw:
-                        prv.write_encoded(heads[hop] + got)
-            acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1
-            for v in vals[2:]:
-                acc += v
-            return acc
-        except BaseException as exc:
-            self._broken = exc
-            raise
-        finally:
-            self._busy = False
-
-    def _ar_payload(self, link: Any, frame: Frame, i: int, n: int, nbytes: int) -> Any:
-        """The payload of exchange frame ``i`` of this all-reduce, or the precise error."""
-        h = frame.header
-        if (frame.kind != "coll" or h["s"] != self.seq or h["o"] != "ar" or h["i"] != i
-                or h.get("n") != n or len(frame.payload) != nbytes):
-            self._mismatch(link, frame, "ar", i, n, nbytes)
-        return frame.payload
-
-    def _mismatch(self, link: Link, frame: Frame, op: str, i: int, n: int, nbytes: int) -> None:
-        """Raise the precise RemoteProtocolError for a frame that is not the expected one."""
-        h = frame.header
-        if frame.kind != "coll" or h["s"] != self.seq or h["o"] != op or h["i"] != i:
-            got = (f"{frame.kind!r} frame" if frame.kind != "coll"
-                   else f"seq {h['s']} op {h['o']!r} frame {h['i']}")
-            raise RemoteProtocolError(f"peer {link.peer} is out of step: got {got}, expected "
-                                      f"seq {self.seq} op {op!r} frame {i}")
-        if h.get("n") != n:
-            raise RemoteProtocolError(f"peer {link.peer} all-reduces {h.get('n')!r} elements "
-                                      f"but we have {n}")
-        raise RemoteProtocolError(f"peer {link.peer} sent {len(frame.payload)} payload bytes "
-                                  f"(expected {nbytes} in {self.wire})")
-
-    async def _allreduce_ring(self, x: np.ndarray) -> np.ndarray:
-        nxt, prv = self.links.next, self.links.prev
-        assert nxt is not None and prv is not None
+    def _allreduce_ring(self, x: np.ndarray, codec: Codec) -> Program:
+        """Reduce-scatter then all-gather around the ring, chunk by chunk (module docstring)."""
+        nxt = self._io[NEXT]
         p, r, n = self.size, self.rank, x.size
-        encode, decode, nbytes = self._encode, self._decode, self._nbytes
-        segs = _segments(n, p)
-        chunks = [_chunks(a, b, self.chunk_elems) for a, b in segs]
+        encode, decode, nbytes = codec.encode, codec.decode, codec.nbytes
+        chunked = [chunks(a, b, self.chunk_elems) for a, b in segments(n, p, QK8_0)]
         out = np.empty(n, F32)
         hdr: dict[str, Any] = {"s": self.seq, "o": "rr", "n": n}
-        sent = 0
+        sent = got = 0
 
         def send(payload: Any) -> None:
             nonlocal sent
@@ -669,51 +452,37 @@ class Collectives:
             nxt.write("coll", hdr, payload)
             sent += 1
 
-        got = 0
-
-        async def recv(a: int, b: int) -> Frame:
-            nonlocal got
-            frame = await self._recv(prv, "rr", got)
-            got += 1
-            self._check_len(prv, frame, hdr, b - a, nbytes(b - a))
-            return frame
-
         # Reduce-scatter: step s, we receive segment (r-1-s) and add ours; the last step leaves
         # us owning segment r+1, which starts its all-gather journey at once (pipelining).
-        for a, b in chunks[r]:
+        for a, b in chunked[r]:
             send(encode(x[a:b]))
         for s in range(p - 1):
-            for a, b in chunks[(r - 1 - s) % p]:
-                frame = await recv(a, b)
+            for a, b in chunked[(r - 1 - s) % p]:
+                frame = yield want(PREV, "rr", got, n, nbytes(b - a))
+                got += 1
                 acc = decode(frame.payload, b - a) + x[a:b]
                 payload = encode(acc)
                 if s == p - 2:
-                    out[a:b] = acc if self.wire == "f32" else decode(payload, b - a)
+                    out[a:b] = acc if codec.exact else decode(payload, b - a)
                 send(payload)
         # All-gather: step t, we receive segment (r-t) from its owner's side and pass it on.
         for t in range(p - 1):
-            for a, b in chunks[(r - t) % p]:
-                frame = await recv(a, b)
+            for a, b in chunked[(r - t) % p]:
+                frame = yield want(PREV, "rr", got, n, nbytes(b - a))
+                got += 1
                 out[a:b] = decode(frame.payload, b - a)
                 if t < p - 2:
                     send(frame.payload)
         return out
 
-    async def _allgather(self, x: np.ndarray) -> list[np.ndarray]:
-        parts: list[np.ndarray | None] = [None] * self.size
-        parts[self.rank] = x.copy()
+    def _allgather(self, x: np.ndarray) -> Program:
+        got = yield from self._exchange("ag", {"dt": x.dtype.str, "sh": list(x.shape)},
+                                        self._borrow(x.reshape(-1).view(np.uint8)))
+        return [x.copy() if g is None else _array_from(*g) for g in got]
 
-        def on_frame(origin: int, link: Link, frame: Frame) -> None:
-            parts[origin] = _array_from(link, frame)
-
-        await self._exchange("ag", {"dt": x.dtype.str, "sh": list(x.shape)},
-                             self._borrow(x.reshape(-1).view(np.uint8)), on_frame)
-        return parts  # type: ignore[return-value]
-
-    async def _broadcast(self, x: np.ndarray | None, root: int) -> np.ndarray:
-        nxt, prv = self.links.next, self.links.prev
-        assert nxt is not None and prv is not None
-        cw, ccw = self._hops()
+    def _broadcast(self, x: np.ndarray | None, root: int) -> Program:
+        nxt, prv = self._io
+        cw, ccw = self.size // 2, (self.size - 1) // 2
         dist = (self.rank - root) % self.size
         if x is not None and self.rank == root:
             raw = memoryview(self._borrow(x.reshape(-1).view(np.uint8)))
@@ -726,22 +495,24 @@ class Collectives:
                 if ccw:
                     prv.write("coll", hdr, piece)
             return x.copy()
+            yield  # a program all the same
         # Clockwise receivers hear from prev and pass to next; counter-clockwise ones mirror it.
         if dist <= cw:
-            src, dst, forward = prv, nxt, dist < cw
+            side, dst, forward = PREV, nxt, dist < cw
         else:
-            src, dst, forward = nxt, prv, self.size - dist < ccw
-        first = await self._recv(src, "bc", 0)
+            side, dst, forward = NEXT, prv, self.size - dist < ccw
+        src = self._io[side].peer
+        first = yield want(side, "bc", 0)
         h = first.header
         nb = h.get("nb")
         if not isinstance(nb, int) or not 0 <= nb <= MAX_BCAST_BYTES:
-            raise RemoteProtocolError(f"peer {src.peer} sent a bad broadcast size {nb!r}")
+            raise RemoteProtocolError(f"peer {src} sent a bad broadcast size {nb!r}")
         buf = bytearray(nb)
         pos, i, frame = 0, 0, first
         while True:
             if frame.header != {**h, "i": i} or len(frame.payload) > nb - pos or (
                     len(frame.payload) == 0 and nb):
-                raise RemoteProtocolError(f"peer {src.peer} sent an inconsistent broadcast frame")
+                raise RemoteProtocolError(f"peer {src} sent an inconsistent broadcast frame")
             buf[pos:pos + len(frame.payload)] = frame.payload
             pos += len(frame.payload)
             if forward:
@@ -749,7 +520,7 @@ class Collectives:
             i += 1
             if pos == nb:
                 break
-            frame = await self._recv(src, "bc", i)
+            frame = yield want(side, "bc", i)
         return _array_from(src, Frame("coll", h, memoryview(buf)))
 
 
@@ -759,7 +530,7 @@ def _contiguous(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
-def _array_from(link: Link, frame: Frame) -> np.ndarray:
+def _array_from(peer: str, frame: Frame) -> np.ndarray:
     """Rebuild an array from a frame carrying ``dt`` (dtype.str) and ``sh`` (shape)."""
     h = frame.header
     try:
@@ -772,5 +543,5 @@ def _array_from(link: Link, frame: Frame) -> np.ndarray:
             raise ValueError(f"{len(frame.payload)} bytes for {count} x {dtype}")
         arr = np.frombuffer(frame.payload, dtype, count=count)
     except (KeyError, TypeError, ValueError) as exc:
-        raise RemoteProtocolError(f"peer {link.peer} sent a malformed array: {exc}") from exc
+        raise RemoteProtocolError(f"peer {peer} sent a malformed array: {exc}") from exc
     return arr.reshape(shape)

@@ -31,6 +31,7 @@ from ringllm.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "CODEC_VERSION",
+    "as_bytes_view",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_HEADER",
     "MAGIC",
@@ -99,7 +100,7 @@ class Frame:
             other.kind, other.header, bytes(other.payload))
 
 
-def _as_bytes_view(payload: Any) -> memoryview:
+def as_bytes_view(payload: Any) -> memoryview:
     """A flat unsigned-byte view of ``payload`` (bytes, bytearray, memoryview or ndarray).
 
     The cast matters: ``len()`` of a float32 memoryview counts elements, and transports slice
@@ -150,7 +151,7 @@ def encode_frame(
     if payload is None:
         view, n = None, 0
     else:
-        view = _as_bytes_view(payload)
+        view = as_bytes_view(payload)
         n = view.nbytes
     if hlen > max_header:
         raise LocalProtocolError(f"{kind!r} header is {hlen} bytes > max {max_header}")

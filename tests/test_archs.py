@@ -101,7 +101,7 @@ async def memory_ring(name: str, peers: int):
     from ringllm import runtime
     from ringllm.model_file import ModelFile
     from ringllm.peer import Peer
-    from ringllm.ring.links import memory_ring as links
+    from ringllm.ring.memory import memory_ring as links
 
     info, _, _ = alone(name)
     plan = runtime.make_plan(info, [1.0] * peers)

@@ -40,9 +40,8 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
-# TEMPORARY fallback: until ringllm.fetch knows these names (another branch adds them), a name
-# that resolve_model refuses is looked up at the path that branch caches it at. Drop the
-# fallback once fetch.py has them.
+# TEMPORARY fallback, from before ringllm.fetch knew these names (it does since main's
+# 522662d): a name resolve_model refuses is looked up at the path fetch caches it at. Drop it.
 _CACHED = {
     "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",

@@ -18,12 +18,44 @@ import numpy as np
 from ringllm.errors import ModelError, UnsupportedError
 from ringllm.gguf_parse import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What sets an architecture's forward pass apart from llama's; the numbers come from GGUF.
+
+    Sources: llama.cpp's llama-model.cpp (hparams per arch, rope type per arch) and
+    src/models/{qwen2,qwen3,gemma3}.cpp; transformers' modeling_qwen2/qwen3/gemma3.py.
+    """
+
+    rope_neox: bool = False  # rotate (x[j], x[j + d/2]) rather than adjacent pairs
+    qkv_bias: bool = False  # blk.N.attn_{q,k,v}.bias
+    qk_norm: bool = False  # blk.N.attn_{q,k}_norm: RMSNorm over each head, before RoPE
+    post_norms: bool = False  # blk.N.post_attention_norm / post_ffw_norm on each branch's output
+    embed_scaled: bool = False  # token embeddings times sqrt(dim)
+    gate: str = "silu"  # the FFN's gate activation (nn.GATES)
+    # Every swa_period-th layer (the last of each period) attends globally; the others see a
+    # sliding window of GGUF's attention.sliding_window keys, with RoPE base rope_theta_local.
+    swa_period: int = 0
+    rope_theta_local: float = 10000.0
+
+
+ARCHITECTURES: dict[str, ArchFacts] = {
+    "llama": ArchFacts(),  # also Mistral 7B-style GGUFs, which are written as "llama"
+    "qwen2": ArchFacts(rope_neox=True, qkv_bias=True),
+    "qwen3": ArchFacts(rope_neox=True, qk_norm=True),
+    # llama.cpp: set_swa_pattern(6) (layers 5, 11, 17, ... global), rope_freq_base_train_swa
+    # 10000; transformers: layer_types "sliding_attention" except every 6th, rope_local_base_freq
+    # 10000, GELU-tanh ("gelu_pytorch_tanh"), embed_scale hidden_size**0.5.
+    "gemma3": ArchFacts(rope_neox=True, qk_norm=True, post_norms=True, embed_scaled=True, gate="gelu_tanh",
+                        swa_period=6, rope_theta_local=10000.0),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of a llama-architecture model, read once from GGUF metadata."""
+    """Hyperparameters of a model, read once from GGUF metadata (its architecture's facts in
+    ``arch``)."""
 
     name: str
     architecture: str
@@ -39,10 +71,39 @@ class ModelConfig:
     rope_dim: int
     rms_eps: float
     tied_embeddings: bool  # no output.weight: the output projection is token_embd
+    arch: ArchFacts = ArchFacts()
+    attn_scale: float = 0.0  # the query scale; 0: 1/sqrt(head_dim)
+    sliding_window: int = 0  # keys a local layer sees (0: every layer is global)
+    final_softcap: float = 0.0  # logits = cap * tanh(logits / cap) when > 0
 
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def query_scale(self) -> float:
+        return self.attn_scale or 1.0 / float(np.sqrt(self.head_dim))
+
+    def is_local(self, layer: int) -> bool:
+        """Whether ``layer`` attends over a sliding window (with the local RoPE base)."""
+        p = self.arch.swa_period
+        return bool(self.sliding_window) and p > 0 and layer % p != p - 1
+
+    def layer_rope_theta(self, layer: int) -> float:
+        return self.arch.rope_theta_local if self.is_local(layer) else self.rope_theta
+
+    def layer_tensors(self, layer: int) -> list[str]:
+        """The GGUF tensor names layer ``layer`` must have."""
+        parts = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+        names = [f"blk.{layer}.{p}.weight" for p in parts]
+        a = self.arch
+        if a.qkv_bias:
+            names += [f"blk.{layer}.attn_{p}.bias" for p in "qkv"]
+        if a.qk_norm:
+            names += [f"blk.{layer}.attn_q_norm.weight", f"blk.{layer}.attn_k_norm.weight"]
+        if a.post_norms:
+            names += [f"blk.{layer}.post_attention_norm.weight", f"blk.{layer}.post_ffw_norm.weight"]
+        return names
 
 
 @dataclass(frozen=True)
@@ -114,8 +175,7 @@ class ModelFile:
                 )
         c = self.config
         for name in ["token_embd.weight", "output_norm.weight"] + [
-            f"blk.{i}.{part}.weight" for i in range(c.n_layers)
-            for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+            name for i in range(c.n_layers) for name in c.layer_tensors(i)
         ]:
             self.tensor(name)
 
@@ -154,6 +214,15 @@ def _read_config(path: Path, meta: Mapping[str, Any], *, tied: bool) -> ModelCon
     vocab = int(meta.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
     if n_heads % n_kv:
         raise ModelError(f"{path.name}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+    value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedError(f"{path.name}: attention.value_length {value_dim} differs from key_length {head_dim}")
+    facts = ARCHITECTURES[arch]
+    attn_scale = 0.0
+    if arch == "gemma3" and int(need("block_count")) == 62:
+        # Gemma 3 27B's query_pre_attn_scalar is dim / n_heads, not head_dim (llama.cpp's
+        # f_attention_scale for LLM_TYPE_27B; the GGUF carries no key for it).
+        attn_scale = 1.0 / float(np.sqrt(dim // n_heads))
     return ModelConfig(
         name=str(meta.get("general.name", path.stem)),
         architecture=arch,
@@ -169,6 +238,10 @@ def _read_config(path: Path, meta: Mapping[str, Any], *, tied: bool) -> ModelCon
         rope_dim=int(meta.get(f"{arch}.rope.dimension_count", head_dim)),
         rms_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tied_embeddings=tied,
+        arch=facts,
+        attn_scale=attn_scale,
+        sliding_window=int(meta.get(f"{arch}.attention.sliding_window", 0)) if facts.swa_period else 0,
+        final_softcap=float(meta.get(f"{arch}.final_logit_softcapping", 0.0)),
     )
 
 

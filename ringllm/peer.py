@@ -105,16 +105,16 @@ class Peer:
 
     def __init__(self, model: Transformer, info: ModelInfo, links: RingLinks, *, wire: str = "f32",
                  max_batch: int = 16, max_queue: int = 64, spin: bool = False) -> None:
-        self.model = model
         self.info = info
         self.links = links
         self.rank, self.size = links.rank, links.size
         self.wire = wire
         self.spin = spin  # see Collectives: only when this peer's waiting thread has a core to itself
         self.coll = Collectives(links.rank, links.size, links, wire, spin=spin)
-        if self.size > 1:  # the model's syncs go round this peer's ring (alone: the identity)
-            model.allreduce = self.model_allreduce
-            model.allreduce_exact = self.model_allreduce_exact
+        # In a ring, the peer's model is built over the given one's shard with this ring's
+        # all-reduces (building one is cheap: it shares the weights); alone, it is the given one.
+        self.model = model if self.size == 1 else Transformer(
+            model.w, self.model_allreduce, max_len=model.max_len, allreduce_exact=self.model_allreduce_exact)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stats = PeerStats()
         self._counter = itertools.count()

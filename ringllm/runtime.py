@@ -13,7 +13,7 @@ import numpy as np
 from ringllm.chat import render_chat
 from ringllm.fetch import resolve_model
 from ringllm.memory import release_free_memory
-from ringllm.model import AllReduce, Transformer, identity_allreduce
+from ringllm.model import AllReduce, Transformer
 from ringllm.model_file import ModelConfig, ModelFile
 from ringllm.ops import kernels as kernel_choice
 from ringllm.ops.kernels import Kernels
@@ -57,10 +57,11 @@ def make_plan(info: ModelInfo, weights: Sequence[float]) -> ShardPlan:
     return plan_shards(info.config, weights, info.ffn_block)
 
 
-def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce = identity_allreduce,
+def load_model(mf: ModelFile, plan: ShardPlan, rank: int, allreduce: AllReduce | None = None,
                max_len: int | None = None, kernels: Kernels | None = None) -> Transformer:
     """Load rank's shard out of the open file, for ``kernels`` (default: the ones the last
-    :func:`set_threads` chose). The caller should close ``mf`` afterwards."""
+    :func:`set_threads` chose). ``allreduce`` None: the model runs alone (see Transformer).
+    The caller should close ``mf`` afterwards."""
     model = Transformer(load_shard(mf, plan[rank], kernels or _kernels), allreduce, max_len=max_len)
     release_free_memory()
     return model

@@ -44,8 +44,13 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
 
 def write_tiny_model(path: Path, *, n_layers: int = 2, dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
                      ffn_dim: int = 128, qtype: Q = Q.Q8_0, embd_qtype: Q = Q.Q8_0, tied: bool = True,
-                     context_length: int = 128, seed: int = 0, arch: str = "llama") -> Path:
-    """Write a random llama-architecture GGUF; weights are quantized with gguf.quants."""
+                     context_length: int = 128, seed: int = 0, arch: str = "llama",
+                     head_dim: int | None = None) -> Path:
+    """Write a random GGUF of a llama-like architecture; weights are quantized with gguf.quants.
+
+    ``arch="qwen3"`` adds its per-head q/k RMSNorm weights (attn_q_norm, attn_k_norm);
+    ``head_dim`` (default dim // n_heads) is written as attention.key_length/value_length.
+    """
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_vocab()
     vocab = len(tokens)
@@ -60,7 +65,11 @@ def write_tiny_model(path: Path, *, n_layers: int = 2, dim: int = 64, n_heads: i
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_rope_dimension_count(dim // n_heads)
+    hd = head_dim or dim // n_heads
+    w.add_rope_dimension_count(hd)
+    if head_dim is not None:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
     w.add_token_list(tokens)
@@ -86,7 +95,6 @@ def write_tiny_model(path: Path, *, n_layers: int = 2, dim: int = 64, n_heads: i
     def vec(name: str, n: int) -> None:
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
-    hd = dim // n_heads
     mat("token_embd.weight", vocab, dim, embd_qtype, 1.0)
     for i in range(n_layers):
         vec(f"blk.{i}.attn_norm.weight", dim)
@@ -94,6 +102,9 @@ def write_tiny_model(path: Path, *, n_layers: int = 2, dim: int = 64, n_heads: i
         mat(f"blk.{i}.attn_k.weight", n_kv_heads * hd, dim, qtype, dim ** -0.5)
         mat(f"blk.{i}.attn_v.weight", n_kv_heads * hd, dim, qtype, dim ** -0.5)
         mat(f"blk.{i}.attn_output.weight", dim, n_heads * hd, qtype, dim ** -0.5)
+        if arch == "qwen3":
+            vec(f"blk.{i}.attn_q_norm.weight", hd)
+            vec(f"blk.{i}.attn_k_norm.weight", hd)
         vec(f"blk.{i}.ffn_norm.weight", dim)
         mat(f"blk.{i}.ffn_gate.weight", ffn_dim, dim, qtype, dim ** -0.5)
         mat(f"blk.{i}.ffn_up.weight", ffn_dim, dim, qtype, dim ** -0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ringllm import model as model_mod
+from ringllm import prefill
 from ringllm.generation import LocalEngine, Request, collect
 from ringllm.model import Segment
 from ringllm.sampling import SamplingParams
@@ -136,7 +136,7 @@ def test_pipelined_prefill_equals_one_thread(smollm2, fixture_data, two_kernel_t
     piped_segs = _mixed_batch(model, info)
     piped = model.forward(piped_segs)
     assert calls == [2]  # the pipeline ran: two blocks on two threads
-    monkeypatch.setattr(model_mod, "PIPELINE_MIN_ROWS", 10**6)
+    monkeypatch.setattr(prefill, "PIPELINE_MIN_ROWS", 10**6)
     plain_segs = _mixed_batch(model, info)
     plain = model.forward(plain_segs)
     assert calls == [2]  # and this time it did not
@@ -187,26 +187,38 @@ def test_pipelined_prefill_failure_ends_both_blocks(smollm2, fixture_data, two_k
     assert isinstance(result[0], MemoryError) and "injected" in str(result[0])
 
 
-def test_pipeline_blocks_only_alone_with_threads_and_enough_tokens(tiny_model_path, two_kernel_threads):
+def test_pipeline_blocks_only_alone_with_threads_and_enough_tokens(tiny_model_path, two_kernel_threads, monkeypatch):
     """The cut: rows in order, one block per thread, a sequence split where a cut falls,
-    later rows (more keys) in smaller blocks; never in a ring (the all-reduces of two
-    blocks would interleave differently on each peer), never for a short batch."""
+    later rows (more keys) in smaller blocks; never for a short batch, and never in a ring
+    (the all-reduces of two blocks would interleave differently on each peer): a model built
+    with an all-reduce, however trivial, runs even a long batch as one."""
     from ringllm import runtime
-    from ringllm.model import _Part
+    from ringllm.model import Transformer
+    from ringllm.ops import quant
+    from ringllm.prefill import Span, plan_blocks
 
     info, mf = runtime.open_model(str(tiny_model_path))
     model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
     mf.close()
     a, b = model.new_cache(), model.new_cache()
-    parts = [_Part(a, 0, 90), _Part(b, 5, 1), _Part(model.new_cache(), 0, 37)]  # 128 rows
-    blocks = model._pipeline_blocks(parts)
+    spans = [Span(a, 0, 90), Span(b, 5, 1), Span(model.new_cache(), 0, 37)]  # 128 rows
+    blocks = plan_blocks(model.cfg, spans, 2)
     assert len(blocks) == 2
     flat = [(p.cache, p.start + i) for block in blocks for p in block for i in range(p.count)]
-    assert flat == [(p.cache, p.start + i) for p in parts for i in range(p.count)]
+    assert flat == [(p.cache, p.start + i) for p in spans for i in range(p.count)]
     rows = [sum(p.count for p in block) for block in blocks]
     assert rows[0] > rows[1] and rows[1] >= 1
 
-    short = [_Part(a, 0, 2 * model_mod.PIPELINE_MIN_ROWS - 1)]
-    assert model._pipeline_blocks(short) == [short]
-    model.allreduce = lambda x: x  # a ring's all-reduce, however trivial
-    assert model._pipeline_blocks(parts) == [parts]
+    short = [Span(a, 0, 2 * prefill.PIPELINE_MIN_ROWS - 1)]
+    assert plan_blocks(model.cfg, short, 2) == [short]
+
+    calls = []
+    real = quant.run_together
+    monkeypatch.setattr(quant, "run_together", lambda tasks: (calls.append(len(tasks)), real(tasks))[1])
+    ids = np.arange(128) % 200
+    model.forward([Segment(model.new_cache(), ids)])
+    assert calls == [2]  # alone: pipelined
+    ring = Transformer(model.w, allreduce=lambda x: x)
+    assert not ring.alone
+    ring.forward([Segment(ring.new_cache(), ids)])
+    assert calls == [2]  # built with an all-reduce: one block

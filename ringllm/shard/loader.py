@@ -116,6 +116,11 @@ class LayerWeights:
     ffn_norm: np.ndarray
     gate_up: Projection
     down: RowParallel
+    qkv_bias: np.ndarray | None = None  # the q|k|v bias slices of qkv's rows (qwen2)
+    q_norm: np.ndarray | None = None  # (head_dim,) per-head RMSNorm weights (qwen3, gemma3)
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # on the attention output, after the all-reduce (gemma3)
+    post_ffn_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -150,13 +155,18 @@ def load_shard(model: ModelFile, shard: PeerShard, kernels: Kernels | None = Non
         info = model.tensor(name)
         return QuantMatrix.from_raw(info.qtype, np.ascontiguousarray(info.raw), info.rows, info.cols).dequantize().reshape(-1)
 
+    a = c.arch
     layers = []
     for i in range(c.n_layers):
         t = lambda part: model.tensor(f"blk.{i}.{part}.weight")  # noqa: E731
-        qkv = None
+        opt = lambda name, on: vec(f"blk.{i}.{name}") if on else None  # noqa: E731
+        q_rows, kv_rows = (h0 * hd, h1 * hd), (k0 * hd, k1 * hd)
+        qkv = qkv_bias = None
         if h1 > h0:
-            qkv = Projection([(t("attn_q"), (h0 * hd, h1 * hd)), (t("attn_k"), (k0 * hd, k1 * hd)),
-                              (t("attn_v"), (k0 * hd, k1 * hd))], kernels)
+            qkv = Projection([(t("attn_q"), q_rows), (t("attn_k"), kv_rows), (t("attn_v"), kv_rows)], kernels)
+            if a.qkv_bias:  # a bias is sliced like its matrix's output rows
+                qkv_bias = np.concatenate([vec(f"blk.{i}.attn_{p}.bias")[r0:r1]
+                                           for p, (r0, r1) in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))])
         layers.append(LayerWeights(
             attn_norm=vec(f"blk.{i}.attn_norm.weight"),
             qkv=qkv,
@@ -164,9 +174,15 @@ def load_shard(model: ModelFile, shard: PeerShard, kernels: Kernels | None = Non
             ffn_norm=vec(f"blk.{i}.ffn_norm.weight"),
             gate_up=Projection([(t("ffn_gate"), (f0, f1)), (t("ffn_up"), (f0, f1))], kernels),
             down=RowParallel.load(t("ffn_down"), f0, f1, kernels),
+            qkv_bias=qkv_bias,
+            # Norms act on whole vectors (a head, or the all-reduced output): every peer holds them.
+            q_norm=opt("attn_q_norm.weight", a.qk_norm),
+            k_norm=opt("attn_k_norm.weight", a.qk_norm),
+            post_attn_norm=opt("post_attention_norm.weight", a.post_norms),
+            post_ffn_norm=opt("post_ffw_norm.weight", a.post_norms),
         ))
-        for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
-            model.release(f"blk.{i}.{part}.weight")  # copied: keep peak RSS near the shard's size
+        for name in c.layer_tensors(i):
+            model.release(name)  # copied: keep peak RSS near the shard's size
     def vocab_rows(name: str):
         # The biggest tensors (28 MB for SmolLM2): drop file pages as the rows are repacked,
         # or they would sit in RSS next to their copy (measured: +30 MB peak at P=1).

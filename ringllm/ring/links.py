@@ -525,8 +525,3 @@ class RingLinks:
 def _rank_name(peer: str) -> str:
     """``"rank 2 (10.0.0.3:7000)"`` -> ``"rank 2"``: the same peer seen through two sockets."""
     return peer.split(" (", 1)[0]
-
-
-def _rank_name(peer: str) -> str:
-    """``"rank 2 (10.0.0.3:7000)"`` -> ``"rank 2"``: the same peer seen through two sockets."""
-    return peer.split(" (", 1)[0]

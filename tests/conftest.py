@@ -40,27 +40,12 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
-# TEMPORARY fallback, from before ringllm.fetch knew these names (it does since main's
-# 522662d): a name resolve_model refuses is looked up at the path fetch caches it at. Drop it.
-_CACHED = {
-    "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-    "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
-    "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-}
-
-
 def model_path(name: str) -> Path:
-    """The GGUF of a known model name (skips the test when it is not on this machine)."""
-    from ringllm.errors import ModelError
+    """The GGUF of a known model name, fetched into the ringllm cache on first use (like any
+    user's ``ringllm pull``): a test never skips for want of its model."""
     from ringllm.fetch import resolve_model
 
-    try:
-        return resolve_model(name)
-    except ModelError:
-        path = Path.home() / ".cache" / "ringllm" / "models" / _CACHED[name]
-        if not path.is_file():
-            pytest.skip(f"model {name} is neither known to ringllm.fetch nor cached at {path}")
-        return path
+    return resolve_model(name)
 
 
 @pytest.fixture(scope="session")

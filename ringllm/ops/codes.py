@@ -194,3 +194,16 @@ def _check_supported(qtype) -> None:
         name = getattr(qtype, "name", str(qtype))
         raise UnsupportedError(f"tensor type {name} is not supported (have: "
                                f"{', '.join(sorted(t.name for t in SUPPORTED))})")
+
+
+def matvec_args(x: np.ndarray, out: np.ndarray | None, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The matvec contract both matrix families keep: x float32 (cols,) (converted, made
+    contiguous), out float32 (rows,) (made if None). ValueError naming the shape otherwise."""
+    x = np.ascontiguousarray(x, dtype=_F32)
+    if x.shape != (cols,):
+        raise ValueError(f"matvec expects x of shape ({cols},), got {x.shape}")
+    if out is None:
+        out = np.empty(rows, _F32)
+    elif out.shape != (rows,) or out.dtype != _F32:
+        raise ValueError(f"out must be float32 ({rows},), got {out.dtype} {out.shape}")
+    return x, out

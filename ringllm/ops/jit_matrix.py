@@ -111,13 +111,7 @@ class JitMatrix:
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """y = W @ x for x float32 (cols,); returns float32 (rows,), written to ``out`` if given."""
-        x = np.ascontiguousarray(x, dtype=_F32)
-        if x.shape != (self.cols,):
-            raise ValueError(f"matvec expects x of shape ({self.cols},), got {x.shape}")
-        if out is None:
-            out = np.empty(self.rows, _F32)
-        elif out.shape != (self.rows,) or out.dtype != _F32:
-            raise ValueError(f"out must be float32 ({self.rows},), got {out.dtype} {out.shape}")
+        x, out = codes.matvec_args(x, out, self.rows, self.cols)
         self._product(x[None, :], out[None, :])
         return out
 

@@ -58,6 +58,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ringllm.errors import ModelError
+from ringllm.ops import codes
 from ringllm.ops.codes import CODECS as _CODECS, FLOATS as _FLOATS
 # The type facts both kernel families share, re-exported where callers have always found them.
 from ringllm.ops.codes import SUPPORTED, block_size, check_raw, codec, row_bytes  # noqa: F401,E501
@@ -318,13 +319,7 @@ class QuantMatrix:
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """y = W @ x for x float32 (cols,); returns float32 (rows,), written to ``out`` if given."""
-        x = np.ascontiguousarray(x, dtype=_F32)
-        if x.shape != (self.cols,):
-            raise ValueError(f"matvec expects x of shape ({self.cols},), got {x.shape}")
-        if out is None:
-            out = np.empty(self.rows, _F32)
-        elif out.shape != (self.rows,) or out.dtype != _F32:
-            raise ValueError(f"out must be float32 ({self.rows},), got {out.dtype} {out.shape}")
+        x, out = codes.matvec_args(x, out, self.rows, self.cols)
         if self._codec is None:
             work = lambda lo, hi: self._float_tiles(x[None, :], out[None, :], lo, hi)
         else:

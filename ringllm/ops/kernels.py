@@ -10,7 +10,6 @@ identical to one peer's only with the same family.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -87,15 +86,15 @@ _compiled = False
 
 def _load_numba(threads: int, say: Callable[[str], None]) -> None:
     global _compiled
-    if _compiled:
-        return
-    import numba  # noqa: F401  (ImportError here means: fall back)
-
-    from ringllm.ops import jit, jit_matrix
+    import numba  # ImportError here means: fall back (auto) or refuse (numba)
 
     if numba.config.NUMBA_NUM_THREADS < threads:
-        raise ImportError(f"numba was started with {numba.config.NUMBA_NUM_THREADS} threads, "
-                          f"{threads} requested (NUMBA_NUM_THREADS)")
+        raise ConfigError(f"{threads} kernel threads requested, but numba allows "
+                          f"{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS)")
+    if _compiled:
+        return
+    from ringllm.ops import jit, jit_matrix
+
     t = time.perf_counter()
     if not jit.cache_is_warm():
         say("compiling kernels, first run only (about a minute or two)")
@@ -104,7 +103,3 @@ def _load_numba(threads: int, say: Callable[[str], None]) -> None:
     if took > 5:
         say(f"kernels compiled in {took:.0f} s (cached in {jit.cache_dir()})")
     _compiled = True
-
-
-def default_threads() -> int:
-    return os.cpu_count() or 1

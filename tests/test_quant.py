@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ringllm.errors import ModelError, RingError, UnsupportedError
 from ringllm.ops import quant
+from ringllm.ops.kernels import Kernels
 
 # Test-side knowledge of the GGUF block layouts: byte offsets of f16 scale fields and the byte
 # range holding the codes (high-bit planes included), and the code bytes giving the lowest and
@@ -131,16 +132,18 @@ SETTINGS = settings(max_examples=70, deadline=None, derandomize=True,
                                            HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.parametrize("family", ["numpy", "numba"])
 @SETTINGS
 @given(case=cases(), n=st.integers(1, 40))
-def test_against_gguf(case, n, monkeypatch_tiles):
+def test_against_gguf(family, case, n, monkeypatch_tiles):
+    """Both kernel families against the oracle (small tiles only change the numpy layout)."""
     qtype, rows, cols, mode, seed, small_tiles = case
     monkeypatch_tiles(small_tiles)
     rng = np.random.default_rng(seed)
     raw = make_raw(qtype, rows, cols, mode, rng)
     w = oracle(qtype, raw, rows, cols)
     assert np.all(np.isfinite(w))
-    m = quant.QuantMatrix.from_raw(qtype, raw, rows, cols)
+    m = Kernels(family, 1).matrix(qtype, raw, rows, cols)
     assert (m.qtype, m.rows, m.cols) == (qtype, rows, cols)
 
     assert same_bits(m.dequantize(), w)

@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType as QT
 from ringllm.errors import ModelError, UnsupportedError
 from ringllm.ops import jit, jit_matrix, quant
 from ringllm.ops.kernels import Kernels, choose
-from tests.test_quant import ALL, GQUANTIZE, amplitude, check_close, make_raw, oracle, same_bits
+from tests.test_quant import (ALL, F16_SPECIALS, GQUANTIZE, amplitude, check_close, make_raw, oracle,
+                              same_bits)
 
 
 @pytest.fixture(autouse=True)
@@ -141,8 +142,7 @@ def test_column_slice_of_raw():
 
 def test_half_floats_special_values():
     """F16/BF16 widened in registers: signed zeros, subnormals, extremes; F16 Inf/NaN refused."""
-    h = np.array([0, 0x8000, 1, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF,
-                  0x3555, 0xC000, 0x0200, 0x8200, 0x1234, 0x9234], np.uint16)
+    h = F16_SPECIALS
     raw = np.tile(h, (3, 2)).view(np.uint8)
     m = jit_matrix.JitMatrix.from_raw(QT.F16, raw, 3, 32)
     want = np.tile(h.view(np.float16).astype(np.float32), (3, 2))

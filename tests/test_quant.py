@@ -280,10 +280,15 @@ def test_sizes():
     assert 0.95 < m.nbytes / (1024 * 576 * 6 / 8) < 1.1  # 4-bit codes + f32 d and m
 
 
+# F16 bit patterns every widening must get right: signed zeros, subnormals, the smallest
+# normal, +-1, the largest finite, and a few ordinary values.
+F16_SPECIALS = np.array([0, 0x8000, 1, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF,
+                         0x3555, 0xC000, 0x0200, 0x8200, 0x1234, 0x9234], np.uint16)
+
+
 def test_f16_special_values():
     """The integer f16 -> f32 widening: signed zeros, subnormals, extremes; Inf/NaN refused."""
-    h = np.array([0, 0x8000, 1, 0x8001, 0x03FF, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0xFBFF,
-                  0x3555, 0xC000, 0x0200, 0x8200, 0x1234, 0x9234], np.uint16)
+    h = F16_SPECIALS
     raw = np.tile(h, (3, 2)).view(np.uint8)
     m = quant.QuantMatrix.from_raw(QT.F16, raw, 3, 32)
     want = np.tile(h.view(np.float16).astype(np.float32), (3, 2))

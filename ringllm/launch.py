@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ringllm.errors import ConfigError, ModelError, RingError
-from ringllm.fetch import resolve_model, sha256_file
+from ringllm.fetch import resolve_model
+from ringllm.file_hash import file_sha256
 from ringllm.ring.config import RingConfig, init_ring_toml, load_ring
 
 if TYPE_CHECKING:  # loaded when a command runs (the model's modules take a while to import)
@@ -98,7 +99,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     log.info("rank %d: %s kernels on %d thread(s)", rank, chosen.family, threads)
     t0 = time.perf_counter()
     path = resolve_model(cfg.model_for(rank), progress=lambda m: log.info("rank %d: %s", rank, m))
-    if cfg.model_sha256 and (digest := await asyncio.to_thread(sha256_file, path)) != cfg.model_sha256:
+    if cfg.model_sha256 and (digest := await asyncio.to_thread(file_sha256, path)) != cfg.model_sha256:
         raise ModelError(f"rank {rank}: model file {path} has sha256 {digest}, but {cfg.source} says {cfg.model_sha256}")
     server_ssl, client_ssl = peer_contexts(cfg.tls) if cfg.tls else (None, None)
     http_ssl = http_server_context(cfg.tls) if cfg.tls else None

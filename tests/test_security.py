@@ -338,7 +338,29 @@ async def test_protocol_version_and_wrong_rank_are_refused_precisely(tiny_ring):
 
 
 # -- mismatched peers joining (a restarted peer with the wrong file) -------------------------------
-@pytest.mark.parametrize("what", ["model", "ring.toml", "kernels"])
+def _middles_changed(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` with one quant byte flipped in the middle of every tensor over 8 KiB
+    (the embeddings and every FFN matrix): outside the first and last 4 KiB, which is all the
+    old fingerprint sampled. Offsets from the gguf package's reader, not ours."""
+    import gguf
+
+    data = bytearray(src.read_bytes())
+    changed = 0
+    for t in gguf.GGUFReader(str(src)).tensors:
+        if t.n_bytes > 8192 + 64:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0  # blocks of 34 bytes: f16 scale, 32 int8
+            pos = t.n_bytes // 2
+            while pos % 34 < 2:  # a quant byte, not a scale (which could become NaN)
+                pos += 1
+            assert 4096 <= pos < t.n_bytes - 4096
+            data[t.data_offset + pos] ^= 0x5A
+            changed += 1
+    assert changed >= 7  # token_embd and the 3 FFN matrices of both layers
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("what", ["model", "weights", "ring.toml", "kernels"])
 def test_a_restarted_peer_with_a_different_model_or_ring_toml_is_refused_then_the_right_one_joins(
         what, tmp_path, tiny_model_path):
     from ringllm.ring.config import free_ports
@@ -352,6 +374,12 @@ def test_a_restarted_peer_with_a_different_model_or_ring_toml_is_refused_then_th
         if what == "model":
             other_model = _tiny(tmp_path / "other.gguf", seed=1)
             bad.write_text(ring_toml(3, str(tiny_model_path), models={1: str(other_model)}, **kw))
+            expect = r"peer rank [12] has model fingerprint \w+\.\. but we have \w+\.\. \(a different model file\)"
+        elif what == "weights":  # same metadata, tensor table and tensor ends; model_sha256 unset
+            other_model = _middles_changed(tiny_model_path, tmp_path / "middles.gguf")
+            assert other_model.stat().st_size == tiny_model_path.stat().st_size
+            bad.write_text(ring_toml(3, str(tiny_model_path), models={1: str(other_model)}, **kw))
+            assert "model_sha256" not in bad.read_text()
             expect = r"peer rank [12] has model fingerprint \w+\.\. but we have \w+\.\. \(a different model file\)"
         elif what == "kernels":  # the others run auto, numba here: sums in another order
             bad.write_text(ring_toml(3, str(tiny_model_path), extra='kernels = "numpy"', **kw))

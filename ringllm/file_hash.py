@@ -2,9 +2,9 @@
 
 Peers compare their model file's hash at the handshake (it is the model fingerprint), so a
 file that differs in any byte (weights included) is refused. Hashing runs at
-``hashlib``'s speed (it releases the GIL): measured on the test box, ~0.7 GB/s for SHA-256 (the
-CPU has SHA extensions) against ~0.36 GB/s for BLAKE2b, so SHA-256 it is, and the fingerprint
-is then the same number as ring.toml's ``model_sha256`` and ``sha256sum``.
+``hashlib``'s speed (it releases the GIL): on the test box SHA-256 (the CPU has SHA extensions)
+runs about twice as fast as BLAKE2b (bench/model_hash.py, docs/performance.md), so SHA-256 it is,
+and the fingerprint is then the same number as ring.toml's ``model_sha256`` and ``sha256sum``.
 
 A file of at least :data:`CACHE_MIN` bytes is hashed once; later opens read the answer from
 ``<cache_dir>/hashes/<sha256 of the resolved path, 32 hex>.json``::
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ringllm.fetch import cache_dir
 
-# Below this a file is hashed at every open (16 MiB: ~25 ms at 0.7 GB/s) and kept out of the
+# Below this a file is hashed at every open (16 MiB: under 0.1 s even on the busy box) and kept out of the
 # cache, so test runs' throwaway synthetic models do not pile up entries there.
 CACHE_MIN = 16 * 2**20
 _CHUNK = 4 * 2**20  # read size: large enough that the per-call overhead vanishes, small enough to stay in L3

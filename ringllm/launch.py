@@ -84,7 +84,6 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     peer listens on (e.g. behind a proxy); others still connect to ring.toml's address.
     ``kernels`` overrides ring.toml's kernel family.
     """
-    from aiohttp import web
 
     from ringllm import runtime
     from ringllm.peer import Peer
@@ -92,6 +91,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     from ringllm.ring.formation import RingListener, open_tcp_ring
     from ringllm.ring.tls import http_server_context, peer_contexts
     from ringllm.http.app import make_app
+    from ringllm.http.serve import HttpLimits, serve_http
 
     me_cfg = cfg.peer(rank)
     chosen = runtime.set_threads(threads, kernels or cfg.kernels,
@@ -125,7 +125,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
                                    handshake_timeout=hs_timeout, recv_timeout=recv_timeout, listener=listener,
                                    ssl_client=client_ssl, refusals_are_final=first)
 
-    runner = None
+    http = None
     try:
         log.info("rank %d: joining ring %r (%d peers) at %s%s", rank, cfg.name, cfg.size, me_cfg.address,
                  " over TLS" if cfg.tls else "")
@@ -135,10 +135,9 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
         peer = Peer(model, info, links, wire=cfg.wire, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     spin=spin)
         log.info("rank %d: %s for decode all-reduces", rank, "busy-waits" if spin else "sleeps")
-        runner = web.AppRunner(make_app(peer, api_key=cfg.api_key), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.http_host, me_cfg.http_port, reuse_address=True, ssl_context=http_ssl)
-        await site.start()
+        app = make_app(peer, api_key=cfg.api_key, body_timeout=cfg.http_body_timeout)
+        limits = HttpLimits(cfg.http_header_timeout, cfg.http_body_timeout, cfg.http_max_connections)
+        http = await serve_http(app, cfg.http_host, me_cfg.http_port, ssl=http_ssl, limits=limits)
         log.info("rank %d: serving HTTP%s on %s:%d", rank, "S" if http_ssl else "", cfg.http_host, me_cfg.http_port)
         try:
             while True:
@@ -159,8 +158,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     finally:
         if listener is not None:
             listener.close()
-        if runner is not None:
-            await runner.cleanup()
+        if http is not None:
+            await http.close()
 
 
 async def _run_ring(peer, cfg: RingConfig) -> None:

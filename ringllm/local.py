@@ -87,15 +87,11 @@ class LocalRing:
             for r in range(self.size)])
 
     async def _serve_http(self) -> None:
-        from aiohttp import web
-
         from ringllm.http.app import make_app
+        from ringllm.http.serve import serve_http
 
         for peer, port in zip(self.peers, free_ports(self.size)):
-            runner = web.AppRunner(make_app(peer, api_key=self.api_key), access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            self._runners.append(runner)
+            self._runners.append(await serve_http(make_app(peer, api_key=self.api_key), "127.0.0.1", port))
             self.addresses.append(f"127.0.0.1:{port}")
 
     async def close(self) -> None:
@@ -111,5 +107,5 @@ class LocalRing:
         for p in self.peers:
             p.links.close("local ring closed")
         for r in self._runners:
-            await r.cleanup()
+            await r.close()
         self._runners = []

@@ -140,8 +140,9 @@ class ModelFile:
     def fingerprint(self) -> str:
         """The SHA-256 of the whole file (hex), which peers compare at the handshake: two files
         that differ in any byte, weights included, differ here. Computed on first use, then
-        cached by the file's identity (:mod:`ringllm.file_hash`): ~0.15 s for a 100 MB model
-        the first time, a stat the next (docs/performance.md has the figures)."""
+        cached by the file's identity (:mod:`ringllm.file_hash`): ~0.4 s for a 100 MB model
+        the first time on the busy test box, a fraction of a millisecond the next
+        (docs/performance.md has the figures)."""
         return file_sha256(self.path)
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:

@@ -36,6 +36,7 @@ from ringllm.http.plumbing import (METRICS_KEY, OPTIONS_KEY, PEER_KEY, ClientGon
                                    model_id, response_for)
 from ringllm.metrics import Metrics, kv_cache_bytes, render, rss_bytes
 from ringllm.peer import Peer
+from ringllm.ring.config import HTTP_BODY_TIMEOUT
 
 log = logging.getLogger("ringllm.http")
 
@@ -95,6 +96,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         msg = {404: f"no route {request.method} {request.path}",
                405: f"method {request.method} is not allowed on {request.path}",
+               408: f"the request body did not arrive within {request.app[OPTIONS_KEY].body_timeout:g} s",
                413: f"the request body is too large (at most {MAX_BODY} bytes)"}.get(exc.status, exc.reason)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         return error_response(exc.status, msg, kind, headers=headers or None)
@@ -124,16 +126,18 @@ def _auth(api_key: str) -> Any:
 
 
 def make_app(peer: Peer, *, api_key: str | None = None, write_timeout: float = 30.0,
-             poll_interval: float = 0.25) -> web.Application:
+             poll_interval: float = 0.25, body_timeout: float = HTTP_BODY_TIMEOUT) -> web.Application:
     """The aiohttp app serving ``peer``. ``api_key`` (e.g. ``RingConfig.api_key``) turns on
     bearer authentication; ``write_timeout`` is how long a client may stall a streaming write
     before its request is cancelled; ``poll_interval`` how often a waiting handler checks
-    that its client is still connected."""
+    that its client is still connected; ``body_timeout`` how long a request's body may take
+    to arrive (408). Serve it with :func:`ringllm.http.serve.serve_http`, which adds the
+    header deadline and the connection cap."""
     middlewares = [_errors] + ([_auth(api_key)] if api_key else [])
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[PEER_KEY] = peer
     app[METRICS_KEY] = Metrics()
-    app[OPTIONS_KEY] = ServerOptions(api_key, write_timeout, poll_interval)
+    app[OPTIONS_KEY] = ServerOptions(api_key, write_timeout, poll_interval, body_timeout)
     app.router.add_post("/ringllm/v1/generate", native.handle_generate)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)

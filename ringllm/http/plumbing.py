@@ -23,16 +23,19 @@ from ringllm.generation import Step
 from ringllm.http.validate import ApiRequest, parse_json
 from ringllm.metrics import Metrics, RequestRecord
 from ringllm.peer import Peer
+from ringllm.ring.config import HTTP_BODY_TIMEOUT
 from ringllm.runtime import ModelInfo
 
 
 class ServerOptions:
     """Per-app settings: the API key, and how long a stalled client may hold a request."""
 
-    def __init__(self, api_key: str | None = None, write_timeout: float = 30.0, poll_interval: float = 0.25) -> None:
+    def __init__(self, api_key: str | None = None, write_timeout: float = 30.0, poll_interval: float = 0.25,
+                 body_timeout: float = HTTP_BODY_TIMEOUT) -> None:
         self.api_key = api_key
         self.write_timeout = write_timeout
         self.poll_interval = poll_interval
+        self.body_timeout = body_timeout
         self.ids = itertools.count()
 
 
@@ -88,8 +91,15 @@ def response_for(exc: RingError) -> web.Response:
 
 async def read_json(http: web.Request) -> Any:
     """The request's JSON body; RequestError if it is not JSON (413 for an oversized body is
-    raised by aiohttp and turned into a JSON error by the error middleware)."""
-    return parse_json(await http.read())
+    raised by aiohttp and turned into a JSON error by the error middleware). A body that has
+    not fully arrived ``body_timeout`` seconds after the handler asked for it is a 408 (a
+    client dribbling it byte by byte holds the connection no longer)."""
+    try:
+        async with asyncio.timeout(http.app[OPTIONS_KEY].body_timeout):
+            body = await http.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
+    return parse_json(body)
 
 
 # -- running one request --------------------------------------------------------------------

@@ -18,6 +18,9 @@ Every error names the file, the field and (for peer entries) the peer index, e.g
     [http]                        # optional: the OpenAI-compatible API on every peer
     host = "127.0.0.1"
     api_key = "..."               # optional bearer key (or api_key_env)
+    header_timeout = 10.0         # seconds to deliver a request's headers (also the keep-alive idle limit)
+    body_timeout = 15.0           # seconds to deliver a request's body
+    max_connections = 256         # HTTP connections open at once; one more gets a 503
 
     [tls]                         # optional: TLS on peer links (and HTTP)
     cert = "peer.crt"
@@ -48,6 +51,16 @@ WIRE_FORMATS = ("f32", "q8_0")
 # The kernel families of ringllm.ops.kernels.FAMILIES (a test keeps the two equal; the ring
 # layer does not import the compute layer).
 KERNEL_FAMILIES = ("auto", "numba", "numpy")
+# HTTP limits (ringllm.http.serve), per peer. A real client sends its headers in one packet and
+# a prompt's body (at most the context, tens of kB) in well under a second; these bound what a
+# slowloris client holds: headers 10 s, body 15 s, plus at most 2 s of lingering after the 408,
+# so a connection that never completes a request is closed within 27 s of opening.
+HTTP_HEADER_TIMEOUT = 10.0
+HTTP_BODY_TIMEOUT = 15.0
+# A connection costs one file descriptor; a peer's default soft limit is 1024 fds (ulimit -n),
+# of which the model, the ring's links and the listeners use a few dozen. 256 leaves room and
+# is far above what the request queue admits (max_batch + max_queue = 80 by default).
+HTTP_MAX_CONNECTIONS = 256
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,9 @@ class RingConfig:
     max_batch: int = 16
     http_host: str = "127.0.0.1"
     api_key: str | None = None
+    http_header_timeout: float = HTTP_HEADER_TIMEOUT
+    http_body_timeout: float = HTTP_BODY_TIMEOUT
+    http_max_connections: int = HTTP_MAX_CONNECTIONS
     tls: TlsConfig | None = None
     source: str = "ring.toml"
 
@@ -179,7 +195,13 @@ def parse_ring(text: str, *, source: str = "ring.toml", base: Path = Path(".")) 
     max_batch = top.get("max_batch", int, 16, check=lambda x: x >= 1, desc="an integer >= 1")
 
     http = _Fields(source, "http.", top.get("http", dict, {}))
-    http.unknown({"host", "api_key", "api_key_env"})
+    http.unknown({"host", "api_key", "api_key_env", "header_timeout", "body_timeout", "max_connections"})
+    header_timeout = http.get("header_timeout", float, HTTP_HEADER_TIMEOUT, check=lambda x: 0 < x <= 3600,
+                              desc="a number of seconds in (0, 3600]")
+    body_timeout = http.get("body_timeout", float, HTTP_BODY_TIMEOUT, check=lambda x: 0 < x <= 3600,
+                            desc="a number of seconds in (0, 3600]")
+    max_connections = http.get("max_connections", int, HTTP_MAX_CONNECTIONS, check=lambda x: x >= 1,
+                               desc="an integer >= 1")
     http_host = http.get("host", str, "127.0.0.1", check=bool, desc="a host name or address")
     api_key = http.get("api_key", str, None, check=bool, desc="a non-empty string")
     if env := http.get("api_key_env", str, None):
@@ -218,7 +240,8 @@ def parse_ring(text: str, *, source: str = "ring.toml", base: Path = Path(".")) 
         peers.append(PeerConfig(i, host, port, http_port, weight, model_path))
     return RingConfig(name=name, model=model, secret=secret, peers=tuple(peers), model_sha256=sha, wire=wire, kernels=kernels,
                       context_length=ctx, heartbeat_interval=hb, dead_after=dead, max_queue=max_queue,
-                      max_batch=max_batch, http_host=http_host, api_key=api_key, tls=tls, source=source)
+                      max_batch=max_batch, http_host=http_host, api_key=api_key, http_header_timeout=header_timeout,
+                      http_body_timeout=body_timeout, http_max_connections=max_connections, tls=tls, source=source)
 
 
 def _raise(exc: Exception) -> Any:

@@ -256,6 +256,33 @@ async def test_garbage_on_the_peer_port_is_dropped_with_a_reason_and_the_ring_ke
     await asyncio.to_thread(_assert_still_serving, tiny_ring)
 
 
+async def test_a_real_peer_closes_a_slowloris_http_client_within_its_default_header_deadline(tiny_ring):
+    """The limits of tests/test_http_limits.py are wired into `ringllm peer` (defaults): a
+    client dribbling a request head a byte a second is closed, unanswered, within 30 s."""
+    from ringllm.ring.config import HTTP_HEADER_TIMEOUT
+
+    port = tiny_ring.cfg.peers[0].http_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"z" * 200
+    t0 = time.monotonic()
+
+    async def dribble():
+        for i in range(len(head)):
+            writer.write(head[i:i + 1])
+            await asyncio.sleep(0.5)
+
+    sender = asyncio.create_task(dribble())
+    try:
+        async with asyncio.timeout(30):
+            got = await reader.read()  # b"" once the peer closes
+    finally:
+        sender.cancel()
+        writer.close()
+    took = time.monotonic() - t0
+    assert got == b"" and took >= HTTP_HEADER_TIMEOUT * 0.9, (got[:200], took)
+    await asyncio.to_thread(_assert_still_serving, tiny_ring)
+
+
 async def test_a_flood_of_silent_connections_is_bounded_and_the_ring_keeps_serving(tiny_ring):
     conns = [await _connect(tiny_ring.cfg.peers[1].port) for _ in range(24)]
     await asyncio.to_thread(tiny_ring.wait_log, 1, r"handshakes already in progress", 10)

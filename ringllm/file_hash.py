@@ -19,17 +19,22 @@ unprivileged process can forge; a replaced file has a new inode. An entry that d
 has a field of the wrong type or a malformed hash is ignored (the file is hashed again and the
 entry rewritten). Entries are written to a temporary file and renamed, so a crash leaves the
 old entry or the new one, never half of one; a file that changed while it was being hashed
-is not cached. A cache directory that cannot be written is not an error: the hash is then
-computed at every start.
+is not cached. Processes hashing the same file at once (the peers of a local ring) take turns
+on a ``<entry>.lock`` flock, so the file is hashed once. A cache directory that cannot be
+written is not an error: the hash is then computed at every start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ringllm.fetch import cache_dir
 
@@ -46,18 +51,41 @@ def file_sha256(path: str | os.PathLike[str], *, cache_min: int = CACHE_MIN) -> 
     with open(real, "rb") as f:
         st = os.fstat(f.fileno())
         key = _identity(real, st)
-        entry = _entry_path(real) if st.st_size >= cache_min else None
-        if entry is not None and (known := _read_entry(entry, key)) is not None:
+        if st.st_size < cache_min:
+            return _hash(f)
+        entry = _entry_path(real)
+        if (known := _read_entry(entry, key)) is not None:
             return known
-        h = hashlib.sha256()
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-        digest = h.hexdigest()
-        if entry is not None and _identity(real, os.fstat(f.fileno())) == key:
-            _write_entry(entry, {**key, "sha256": digest})
+        with _locked(entry):  # the peers of a local ring starting together hash the file once
+            if (known := _read_entry(entry, key)) is not None:
+                return known
+            digest = _hash(f)
+            if _identity(real, os.fstat(f.fileno())) == key:
+                _write_entry(entry, {**key, "sha256": digest})
     return digest
+
+
+def _hash(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        h.update(view[:n])
+    return h.hexdigest()
+
+
+@contextmanager
+def _locked(entry: Path) -> Iterator[None]:
+    """An exclusive flock on ``<entry>.lock`` (none if the cache cannot be written)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(entry.with_suffix(".lock"), "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _identity(real: str, st: os.stat_result) -> dict[str, object]:

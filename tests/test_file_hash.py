@@ -117,3 +117,28 @@ def test_small_files_stay_out_of_the_cache_and_a_read_only_cache_is_no_error(mod
 def test_a_missing_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         file_sha256(tmp_path / "nope.gguf")
+
+
+def test_concurrent_starts_hash_the_file_once(model, cache, monkeypatch):
+    """Three peers of a local ring opening the same new file at once: one hashes, two wait and
+    read its entry (the hash is slowed so that all three miss the cache without the lock)."""
+    import threading
+    import time
+
+    calls = []
+    real_hash = file_hash._hash
+
+    def slow_hash(f):
+        calls.append(1)
+        time.sleep(0.3)
+        return real_hash(f)
+
+    monkeypatch.setattr(file_hash, "_hash", slow_hash)
+    out: list[str] = []
+    threads = [threading.Thread(target=lambda: out.append(file_sha256(model, cache_min=0))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [hashlib.sha256(model.read_bytes()).hexdigest()] * 3
+    assert len(calls) == 1

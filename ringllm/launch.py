@@ -134,7 +134,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
         peer = Peer(model, info, links, wire=cfg.wire, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     spin=spin)
         log.info("rank %d: %s for decode all-reduces", rank, "busy-waits" if spin else "sleeps")
-        runner = web.AppRunner(make_app(peer, api_key=cfg.api_key), access_log=None)
+        http_peers = [f"{p.host}:{p.http_port}" for p in cfg.peers]  # the chat page's ring view
+        runner = web.AppRunner(make_app(peer, api_key=cfg.api_key, ring_addresses=http_peers), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, cfg.http_host, me_cfg.http_port, reuse_address=True, ssl_context=http_ssl)
         await site.start()

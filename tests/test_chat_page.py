@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
-import shutil
+import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -87,6 +87,7 @@ class Browser:
         self.n = 0
 
     async def __aenter__(self) -> "Browser":
+        self.profile.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-extensions", "--disable-background-networking", "--remote-debugging-port=0",
@@ -108,8 +109,9 @@ class Browser:
     async def __aexit__(self, *exc: object) -> None:
         if self.session is not None:
             await self.session.close()
-        if self.proc is not None:
-            self.proc.kill()
+        if self.proc is not None:  # chromium and its helpers: the process group it leads
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     async def call(self, method: str, **params) -> dict:
@@ -178,50 +180,49 @@ def _metric(address: str, name: str) -> float:
 
 
 @needs_chromium
-async def test_a_message_typed_in_the_page_streams_its_reply_and_stop_cancels_on_the_server(peer):
+async def test_a_message_typed_in_the_page_streams_its_reply_and_stop_cancels_on_the_server(peer, tmp_path):
     address = peer.http(0)
-    with tempfile.TemporaryDirectory() as profile:
-        async with Browser(Path(profile)) as b:
-            await b.open(f"http://{address}/")
-            await b.until("document.querySelector('#peers .state')?.textContent === 'ok'")
-            await b.js("document.getElementById('temperature').value = '0';"
-                       "document.getElementById('max_tokens').value = '48'")
-            question = "Name three colours of the rainbow."
-            await b.type("input", question)
-            await b.click("send")
-            seen = await b.watch_reply()
-            # The text grew while it streamed, over several steps, and what stayed is exactly
-            # the greedy reply the API gives for the same conversation.
-            assert len(seen) >= 3, seen
-            assert all(seen[k + 1].startswith(seen[k]) for k in range(len(seen) - 1)), seen
-            assert seen[-1] == _greedy_reply(address, question, 48)
-            status = await b.js("document.getElementById('status').textContent")
-            assert re.match(r"done \((stop|length)\): \d+ tokens, [\d.]+ tokens/s", status), status
-            assert re.search(r"[\d.]+ tokens/s", await b.js("document.getElementById('speed').textContent"))
-            assert await b.js("document.querySelectorAll('.msg.user').length") == 1
-            if shot := os.environ.get("RINGLLM_SCREENSHOT"):
-                png = base64.b64decode((await b.call("Page.captureScreenshot", format="png"))["data"])
-                Path(shot).write_bytes(png)
+    async with Browser(tmp_path / "profile") as b:
+        await b.open(f"http://{address}/")
+        await b.until("document.querySelector('#peers .state')?.textContent === 'ok'")
+        await b.js("document.getElementById('temperature').value = '0';"
+                   "document.getElementById('max_tokens').value = '48'")
+        question = "Name three colours of the rainbow."
+        await b.type("input", question)
+        await b.click("send")
+        seen = await b.watch_reply()
+        # The text grew while it streamed, over several steps, and what stayed is exactly
+        # the greedy reply the API gives for the same conversation.
+        assert len(seen) >= 3, seen
+        assert all(seen[k + 1].startswith(seen[k]) for k in range(len(seen) - 1)), seen
+        assert seen[-1] == _greedy_reply(address, question, 48)
+        status = await b.js("document.getElementById('status').textContent")
+        assert re.match(r"done \((stop|length)\): \d+ tokens, [\d.]+ tokens/s", status), status
+        assert re.search(r"[\d.]+ tokens/s", await b.js("document.getElementById('speed').textContent"))
+        assert await b.js("document.querySelectorAll('.msg.user').length") == 1
+        if shot := os.environ.get("RINGLLM_SCREENSHOT"):
+            png = base64.b64decode((await b.call("Page.captureScreenshot", format="png"))["data"])
+            Path(shot).write_bytes(png)
 
-            # Stop: the fetch is aborted mid-reply and the peer cancels the sequence.
-            cancelled = _metric(address, "ringllm_requests_finished_total")
-            await b.js("document.getElementById('max_tokens').value = '2000'")
-            await b.type("input", "Write a very long story about a dragon who learns to count.")
-            await b.click("send")
-            await b.until("(Array.from(document.querySelectorAll('.msg.assistant .body')).pop()"
-                          "?.textContent.length ?? 0) > 0")
-            await b.click("stop")
-            await b.until("document.body.dataset.state === 'idle'")
-            status = await b.js("document.getElementById('status').textContent")
-            assert status.startswith("stopped: "), status
-            stopped_text = await b.js("Array.from(document.querySelectorAll('.msg.assistant .body')).pop().textContent")
-            deadline = time.monotonic() + 60
-            while not ((h := peer.health(0)) and h["running"] == 0 and h["queue"] == 0
-                       and _metric(address, "ringllm_requests_finished_total") > cancelled):
-                assert time.monotonic() < deadline, f"the peer still runs the stopped request: {h}"
-                await asyncio.sleep(0.1)
-            metrics = _get(f"http://{address}/metrics")[2].decode()
-            assert re.search(r'ringllm_requests_finished_total\{[^}]*outcome="cancelled"[^}]*\} 1', metrics), metrics
-            assert len(stopped_text) < 2000 * 3  # far from a full 2000-token story
-            # The conversation goes on after a stop: both replies are kept.
-            assert await b.js("JSON.parse(localStorage.getItem('ringllm.chat.v1')).messages.length") == 4
+        # Stop: the fetch is aborted mid-reply and the peer cancels the sequence.
+        cancelled = _metric(address, "ringllm_requests_finished_total")
+        await b.js("document.getElementById('max_tokens').value = '2000'")
+        await b.type("input", "Write a very long story about a dragon who learns to count.")
+        await b.click("send")
+        await b.until("(Array.from(document.querySelectorAll('.msg.assistant .body')).pop()"
+                      "?.textContent.length ?? 0) > 0")
+        await b.click("stop")
+        await b.until("document.body.dataset.state === 'idle'")
+        status = await b.js("document.getElementById('status').textContent")
+        assert status.startswith("stopped: "), status
+        stopped_text = await b.js("Array.from(document.querySelectorAll('.msg.assistant .body')).pop().textContent")
+        deadline = time.monotonic() + 60
+        while not ((h := peer.health(0)) and h["running"] == 0 and h["queue"] == 0
+                   and _metric(address, "ringllm_requests_finished_total") > cancelled):
+            assert time.monotonic() < deadline, f"the peer still runs the stopped request: {h}"
+            await asyncio.sleep(0.1)
+        metrics = _get(f"http://{address}/metrics")[2].decode()
+        assert re.search(r'ringllm_requests_finished_total\{[^}]*outcome="cancelled"[^}]*\} 1', metrics), metrics
+        assert len(stopped_text) < 2000 * 3  # far from a full 2000-token story
+        # The conversation goes on after a stop: both replies are kept.
+        assert await b.js("JSON.parse(localStorage.getItem('ringllm.chat.v1')).messages.length") == 4

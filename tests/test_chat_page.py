@@ -75,6 +75,36 @@ def test_the_ring_view_lists_every_peer_with_its_state(peer):
     assert [(p["rank"], p["address"], p["status"]) for p in ring["peers"]] == [(0, peer.http(0), "ok")]
 
 
+def _get_json(url: str, key: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def test_the_ring_view_asks_every_peer_and_shows_a_dead_one_down_and_needs_the_api_key(tmp_path, tiny_model_path):
+    toml = ring_toml(2, str(tiny_model_path), heartbeat=0.3, dead_after=1.0, extra='[http]\napi_key = "k3y"')
+    with Ring(tmp_path, toml, tag="view") as ring:
+        ring.start_all()
+        ring.wait_up()
+        base = f"http://{ring.http(1)}"
+        assert _get(base + "/")[0] == 200 and _get(base + "/static/chat.js")[0] == 200  # no key needed
+        status, doc = _get_json(base + "/ringllm/v1/ring")
+        assert status == 401 and doc["error"]["code"] == "invalid_api_key"
+        status, doc = _get_json(base + "/ringllm/v1/ring", "k3y")
+        assert status == 200 and doc["self"] == 1
+        assert [(p["rank"], p["address"], p["status"]) for p in doc["peers"]] == [
+            (0, ring.http(0), "ok"), (1, ring.http(1), "ok")]
+        ring.kill(0)
+        status, doc = _get_json(base + "/ringllm/v1/ring", "k3y")
+        assert status == 200
+        dead, alive = doc["peers"]
+        assert (dead["rank"], dead["status"]) == (0, "down") and "cannot connect" in dead["error"], dead
+        assert alive["rank"] == 1 and alive["address"] == ring.http(1)
+
+
 # -- a real browser -----------------------------------------------------------------------
 class Browser:
     """Headless chromium and one page, driven over the DevTools protocol."""

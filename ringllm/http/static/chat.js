@@ -89,10 +89,11 @@ async function errorText(resp) {
   try { return JSON.parse(text).error.message; } catch (e) { return "HTTP " + resp.status + ": " + text.slice(0, 300); }
 }
 
-function speed(tokens, first, last) {
-  // Decode speed: tokens after the first over the time since the first arrived.
+function speed(tokens, first, last, total) {
+  // Decode speed: the text pieces after the first over the time since the first arrived.
+  // `total` (the server's usage count, with an end-of-generation token) is only shown.
   const rate = tokens > 1 && last > first ? ((tokens - 1) * 1000 / (last - first)).toFixed(1) : "-";
-  return tokens + " tokens, " + rate + " tokens/s";
+  return (total ?? tokens) + " tokens, " + rate + " tokens/s";
 }
 
 // Reads the server-sent events of one streaming chat completion, calling onChunk per JSON object.
@@ -165,8 +166,8 @@ async function send() {
   }
   body.classList.remove("streaming");
   chat.controller = null;
-  if (usage) tokens = usage.completion_tokens;
-  const stats = speed(tokens, first, last) + (tokens ? ", first after " + Math.round(first - t0) + " ms" : "");
+  const stats = speed(tokens, first, last, usage ? usage.completion_tokens : null) +
+                (tokens ? ", first after " + Math.round(first - t0) + " ms" : "");
   let status;
   if (failed && failed.name === "AbortError") {
     status = "stopped: " + stats;
@@ -218,7 +219,7 @@ async function pollRing() {
   } catch (e) {
     const li = document.createElement("li");
     li.className = "down";
-    li.textContent = "this peer does not answer: " + e.message;
+    li.textContent = "ring view unavailable: " + e.message;
     $("peers").replaceChildren(li);
   }
 }

@@ -346,7 +346,7 @@ def make_parser() -> argparse.ArgumentParser:
                                     "line is a user message.")
     _add_peer_flags(pc)
     add_generation_flags(pc, prompt_optional=True)
-    pc.set_defaults(func=cmd_chat, chat=True)
+    pc.set_defaults(func=cmd_prompt, chat=True)  # cmd_prompt's checks, then cmd_chat
 
     st = sub.add_parser("status", help="show every peer of a ring: up/down, rank, shard, memory, queue, last error")
     st_where = st.add_mutually_exclusive_group(required=True)

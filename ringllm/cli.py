@@ -174,9 +174,9 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     """Stream one reply (or, with --chat, one per stdin line, keeping the history)."""
     import asyncio
 
-    address = _prompt_address(args)
     if args.chat:
-        return asyncio.run(_chat_loop(args, address))
+        return cmd_chat(args)
+    address = _prompt_address(args)
     if args.prompt is None:
         if sys.stdin.isatty():
             _progress("reading the prompt from stdin (end it with Ctrl-D)")
@@ -201,45 +201,15 @@ def _chat_body(args: argparse.Namespace) -> dict:
     return body
 
 
-async def _chat_loop(args: argparse.Namespace, address: str) -> int:
-    """--chat: every stdin line is a user message; replies stream to stdout, history is kept.
-
-    The line ``/reset`` forgets the history (the system message stays); end of input ends
-    the chat. With --json each turn prints one JSON object (one line).
-    """
-    import asyncio
-
-    from ringllm.client import connect
+def cmd_chat(args: argparse.Namespace) -> int:
+    """The interactive chat (:mod:`ringllm.repl`); also ``prompt --chat``."""
+    from ringllm.repl import Chat
 
     if args.raw:
         raise RingError("--raw cannot be used with --chat (chat messages always use the chat template)")
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = list(system)
-    tty = sys.stdin.isatty()
-    pending = [args.prompt] if args.prompt else []
-    body = _chat_body(args)
-    async with connect(address, api_key=args.api_key, ssl=args.tls) as client:
-        while True:
-            if pending:
-                line = pending.pop(0)
-            else:
-                if tty:
-                    print("> ", end="", file=sys.stderr, flush=True)
-                line = await asyncio.to_thread(sys.stdin.readline)  # the loop stays free meanwhile
-                if not line:
-                    break
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.strip() == "/reset":
-                history = list(system)
-                _progress("history cleared")
-                continue
-            history.append({"role": "user", "content": line})
-            done = await client.complete(messages=history, on_text=None if args.json else _stream, **body)
-            history.append({"role": "assistant", "content": done.text})
-            print_completion(args, done)
-    return 0
+    address = _prompt_address(args)
+    return Chat(address, api_key=args.api_key, ssl=args.tls, system=args.system, params=_chat_body(args),
+                json_out=args.json).run(args.prompt)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -319,6 +289,18 @@ def cmd_ring_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    """Which peer to ask: --peer or --ring/--rank, and how (TLS CA, API key); as `prompt` has them."""
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--peer", help="the peer's HTTP address host:port")
+    where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--cacert", default=None, help="CA file to trust for an HTTPS peer (a ring.toml with [tls] "
+                                                   "brings its own)")
+    p.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
+                   help="bearer key when the ring sets [http] api_key (default: $RINGLLM_API_KEY, or ring.toml's)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringllm", description="Run one LLM across several peers over a TCP ring.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -355,10 +337,16 @@ def make_parser() -> argparse.ArgumentParser:
                                                     "brings its own)")
     pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
                     help="bearer key when the ring sets [http] api_key (default: $RINGLLM_API_KEY, or ring.toml's)")
-    pr.add_argument("--chat", action="store_true",
-                    help="interactive chat: each stdin line is a user message; the history is kept")
+    pr.add_argument("--chat", action="store_true", help="the interactive chat: the same as 'ringllm chat'")
     add_generation_flags(pr, prompt_optional=True)
     pr.set_defaults(func=cmd_prompt)
+
+    pc = sub.add_parser("chat", help="chat with any peer of a running ring (line editing, history, /help)",
+                        description="Interactive chat; /help inside lists the commands. Piped stdin: each "
+                                    "line is a user message.")
+    _add_peer_flags(pc)
+    add_generation_flags(pc, prompt_optional=True)
+    pc.set_defaults(func=cmd_prompt, chat=True)  # cmd_prompt's checks, then cmd_chat
 
     st = sub.add_parser("status", help="show every peer of a ring: up/down, rank, shard, memory, queue, last error")
     st_where = st.add_mutually_exclusive_group(required=True)

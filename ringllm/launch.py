@@ -135,7 +135,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
         peer = Peer(model, info, links, wire=cfg.wire, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     spin=spin)
         log.info("rank %d: %s for decode all-reduces", rank, "busy-waits" if spin else "sleeps")
-        app = make_app(peer, api_key=cfg.api_key, body_timeout=cfg.http_body_timeout)
+        http_peers = [f"{p.host}:{p.http_port}" for p in cfg.peers]  # the chat page's ring view
+        app = make_app(peer, api_key=cfg.api_key, body_timeout=cfg.http_body_timeout, ring_addresses=http_peers)
         limits = HttpLimits(cfg.http_header_timeout, cfg.http_body_timeout, cfg.http_max_connections)
         http = await serve_http(app, cfg.http_host, me_cfg.http_port, ssl=http_ssl, limits=limits)
         log.info("rank %d: serving HTTP%s on %s:%d", rank, "S" if http_ssl else "", cfg.http_host, me_cfg.http_port)

@@ -8,8 +8,10 @@ Routes (docs/api.md is the full reference):
 - ``POST /ringllm/v1/generate``: the native NDJSON endpoint (:mod:`ringllm.http.native`).
 - ``GET /health``: the peer's state, shard and memory (what ``ringllm status`` shows).
 - ``GET /metrics``: Prometheus text exposition (:mod:`ringllm.metrics`).
+- ``GET /``, ``GET /static/*``, ``GET /ringllm/v1/ring``: the chat page and the ring view it
+  shows (:mod:`ringllm.http.page`).
 
-With an API key every route but ``/health`` and ``/metrics`` needs ``Authorization: Bearer
+With an API key every route but ``/health``, ``/metrics`` and the page's files needs ``Authorization: Bearer
 <key>``; a wrong or missing key is a 401. Every error is a JSON body ``{"error": {"message",
 "type", "param", "code"}}``: handlers raise, and :func:`_errors` answers.
 
@@ -26,12 +28,12 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from aiohttp import web
 
 from ringllm.errors import RingError
-from ringllm.http import native, openai_api
+from ringllm.http import native, openai_api, page
 from ringllm.http.plumbing import (METRICS_KEY, OPTIONS_KEY, PEER_KEY, ClientGone, ServerOptions, error_response,
                                    model_id, response_for)
 from ringllm.metrics import Metrics, kv_cache_bytes, render, rss_bytes
@@ -113,7 +115,7 @@ def _auth(api_key: str) -> Any:
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        if request.path not in PUBLIC_PATHS and not page.is_public(request.path):
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 what = "missing" if not given else "incorrect"
@@ -126,13 +128,15 @@ def _auth(api_key: str) -> Any:
 
 
 def make_app(peer: Peer, *, api_key: str | None = None, write_timeout: float = 30.0,
-             poll_interval: float = 0.25, body_timeout: float = HTTP_BODY_TIMEOUT) -> web.Application:
+             poll_interval: float = 0.25, body_timeout: float = HTTP_BODY_TIMEOUT,
+             ring_addresses: Sequence[str] = ()) -> web.Application:
     """The aiohttp app serving ``peer``. ``api_key`` (e.g. ``RingConfig.api_key``) turns on
     bearer authentication; ``write_timeout`` is how long a client may stall a streaming write
     before its request is cancelled; ``poll_interval`` how often a waiting handler checks
     that its client is still connected; ``body_timeout`` how long a request's body may take
-    to arrive (408). Serve it with :func:`ringllm.http.serve.serve_http`, which adds the
-    header deadline and the connection cap."""
+    to arrive (408); ``ring_addresses`` the HTTP host:port of every peer, in rank order, for
+    the chat page's ring view. Serve it with :func:`ringllm.http.serve.serve_http`, which
+    adds the header deadline and the connection cap."""
     middlewares = [_errors] + ([_auth(api_key)] if api_key else [])
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[PEER_KEY] = peer
@@ -142,4 +146,5 @@ def make_app(peer: Peer, *, api_key: str | None = None, write_timeout: float = 3
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     openai_api.add_routes(app)
+    page.add_routes(app, health, ring_addresses)
     return app

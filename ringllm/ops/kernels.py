@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from ringllm import nn
 from ringllm.errors import ConfigError
 from ringllm.ops import quant
 
@@ -40,6 +41,16 @@ class Kernels:
 
             return JitMatrix.from_raw(qtype, raw, rows, cols, rows_done=rows_done)
         return quant.QuantMatrix.from_raw(qtype, raw, rows, cols, rows_done=rows_done)
+
+    @property
+    def nn(self):
+        """The per-token math for this family: :mod:`ringllm.ops.fused` (compiled) for numba,
+        :mod:`ringllm.nn` (the reference) for numpy; both have the same functions."""
+        if self.family == "numba":
+            from ringllm.ops import fused
+
+            return fused
+        return nn
 
     def bind(self) -> None:
         """Make the calling thread's kernels use ``threads`` threads."""

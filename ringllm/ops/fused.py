@@ -120,3 +120,14 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, le
     _attention(np.ascontiguousarray(q, dtype=_F32), k_cache, v_cache, length,
                _NO_MASK if mask is None else mask, mask is not None, out)
     return out
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel here once, on tiny inputs."""
+    x = np.ones((2, 2, 8), _F32)
+    rmsnorm(x, np.ones(8, _F32), 1e-5)
+    f = rope_factors(np.arange(2), 8, 10000.0)
+    rope(x, f, True)
+    rope(x, f, False)
+    cached_attention(x, x, x, 2, None)
+    cached_attention(x, x, x, 2, np.zeros((2, 2), _F32))

@@ -104,12 +104,13 @@ def _load_numba(threads: int, say: Callable[[str], None]) -> None:
                           f"{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS)")
     if _compiled:
         return
-    from ringllm.ops import jit, jit_matrix
+    from ringllm.ops import fused, jit, jit_matrix
 
     t = time.perf_counter()
     if not jit.cache_is_warm():
         say("compiling kernels, first run only (about a minute or two)")
     jit_matrix.warm_up()
+    fused.warm_up()
     took = time.perf_counter() - t
     if took > 5:
         say(f"kernels compiled in {took:.0f} s (cached in {jit.cache_dir()})")

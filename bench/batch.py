@@ -8,7 +8,8 @@ one thread (numba and BLAS), min over ``--rounds`` runs alternating old/new:
 
 - per matrix and n: ``new_ns_per_w`` (``JitMatrix.matmul``: gemm_batch below
   ``jit.GEMM_MIN_N`` rows, decode + sgemm from it), and where the old kernels still exist,
-  ``old_ns_per_w`` (``jit.gemm_small``; the exact ``jit.dequant_rows`` + sgemm for prefill);
+  ``old_ns_per_w`` (``jit.gemm_small`` below 16 rows, the exact ``jit.dequant_rows`` + sgemm
+  from 16: the kernels before jit_batch);
   ``blas_ns_per_w`` (decode + sgemm at every n: where the switch should be) and
   ``gemv_x_n_ns_per_w`` (n one-row GEMVs);
 - per fused op at SmolLM2's decode shapes: microseconds per call, nn (numpy) vs fused, and
@@ -59,7 +60,7 @@ def old_product(mat: JitMatrix, x: np.ndarray, out: np.ndarray) -> None:
     m = mat._m if mat._m is not None else np.zeros((0, 0), np.float32)
     qh = mat._qh if mat._qh is not None else np.zeros((0, 0), np.uint32)
     n = x.shape[0]
-    if n < jit.GEMM_MIN_N:
+    if n < 16:  # the old switch to sgemm
         xs = x.reshape(n, -1, mat._gs).sum(axis=2, dtype=np.float32)
         jit.gemm_small(mat._fmt, mat._qs, qh, mat._d, m, mat._off, x, xs, out)
         return

@@ -12,6 +12,11 @@ run plain dot products whose vector sums are reduced once per whole row:
 2. dot every pair of those rows with every four rows of x (eight sums live in vector
    registers; each weight load is shared by four rows of x, each x load by two weight rows).
 
+Column order ("split"): a decoded row holds every group's first ``half`` values, then every
+group's second ``half`` (the codes' natural pairing, see ``jit._pair``); x is reordered the
+same way once per call (:func:`split_order`), and a dot product does not care about the order.
+Prefill uses the same decode (:func:`decode_rows`) for blocks of rows, then BLAS sgemm.
+
 Scratch per parallel block: ``PANEL * cols`` floats (24 KiB at cols 1536: L1-sized).
 Threads split fixed blocks of ``jit.ROW_BLOCK`` rows, so results never depend on the thread
 count; a row of out depends only on its row of x and on which of the 4-row (or leftover)

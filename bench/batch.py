@@ -2,6 +2,7 @@
 math (ringllm/ops/fused.py) against what they replace: one JSON line per result.
 
     python bench/batch.py [--ns 2 4 8 15 128] [--rounds 7] [--fused-rows 1 8]
+    python bench/batch.py --steps 9 [--threads 1] [--model smollm2-135m]
 
 Thread CPU time (``time.thread_time``: the box is shared, and this counts only our thread),
 one thread (numba and BLAS), min over ``--rounds`` runs alternating old/new:
@@ -14,6 +15,11 @@ one thread (numba and BLAS), min over ``--rounds`` runs alternating old/new:
   ``gemv_x_n_ns_per_w`` (n one-row GEMVs);
 - per fused op at SmolLM2's decode shapes: microseconds per call, nn (numpy) vs fused, and
   the saving per decode step (calls per step x difference).
+
+``--steps R``: instead, the whole model in one process: wall time of a decode step for one
+sequence and for eight (each after its own 64-token prompt), 10 steps each, R rounds
+alternating which goes first; medians and ``speedup_8_over_1`` = 8 x step(1) / step(8), the
+serving figure without HTTP or scheduling (bench/serve.py measures those too).
 """
 
 from __future__ import annotations
@@ -118,12 +124,48 @@ def fused_ops(rows: int, rounds: int) -> None:
                           "saves_ms_per_step": round((a - b) * calls * 1e3, 3)}), flush=True)
 
 
+def model_steps(model_spec: str, threads: int, rounds: int) -> None:
+    from ringllm import runtime
+    from ringllm.model import Segment
+
+    chosen = runtime.set_threads(threads)
+    info, mf = runtime.open_model(model_spec)
+    model = runtime.load_model(mf, runtime.make_plan(info, [1.0]), 0)
+    mf.close()
+    text = "The history of the ring network begins with the token ring, a local area network. " * 8
+    ids = info.tokenizer.encode(text, parse_special=False)
+    caches = {}
+    for n in (1, 8):
+        caches[n] = [model.new_cache() for _ in range(n)]
+        for i, c in enumerate(caches[n]):
+            model.forward([Segment(c, np.array(ids[i:i + 64]))])
+    times: dict[int, list[float]] = {1: [], 8: []}
+    for r in range(rounds):
+        for n in (1, 8) if r % 2 == 0 else (8, 1):
+            t = time.perf_counter()
+            for _ in range(10):
+                model.forward([Segment(c, np.array([5])) for c in caches[n]])
+                for c in caches[n]:
+                    c.length -= 1  # the same position every step: equal work in every round
+            times[n].append((time.perf_counter() - t) / 10)
+    m1, m8 = float(np.median(times[1])), float(np.median(times[8]))
+    print(json.dumps({"bench": "batch_steps", "model": model_spec, "kernels": chosen.family, "threads": threads,
+                      "rounds": rounds, "step_ms_1": round(m1 * 1e3, 2), "step_ms_8": round(m8 * 1e3, 2),
+                      "speedup_8_over_1": round(8 * m1 / m8, 2)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8, 15, 16, 32, 128])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--fused-rows", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=0, help="rounds of whole-model decode steps, 1 vs 8 streams")
+    ap.add_argument("--threads", type=int, default=1, help="with --steps: kernel threads")
+    ap.add_argument("--model", default="smollm2-135m", help="with --steps: the model")
     args = ap.parse_args()
+    if args.steps:
+        model_steps(args.model, args.threads, args.steps)
+        return
     threadpool_limits(1)
     numba.set_num_threads(1)
     matrices(args.ns, args.rounds)

@@ -22,7 +22,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ringllm import nn
 from ringllm.errors import RequestError
 from ringllm.prefill import AfterKV, Span, layers_maybe_pipelined
 from ringllm.shard.loader import LayerWeights, ShardWeights
@@ -97,13 +96,13 @@ class _Batch:
     def rope(self, theta: float) -> np.ndarray:
         if theta not in self._rope:
             c = self._model.cfg
-            self._rope[theta] = nn.rope_factors(self.positions, c.rope_dim, theta)
+            self._rope[theta] = self._model.nn.rope_factors(self.positions, c.rope_dim, theta)
         return self._rope[theta]
 
     def masks(self, window: int) -> list[np.ndarray | None]:
         if window not in self._masks:
             qpk = self._model.shard.q_per_kv
-            self._masks[window] = [nn.causal_mask(s.start, s.count, qpk, window) for s in self.spans]
+            self._masks[window] = [self._model.nn.causal_mask(s.start, s.count, qpk, window) for s in self.spans]
         return self._masks[window]
 
 
@@ -120,6 +119,7 @@ class Transformer:
         self.w = weights
         self.cfg = weights.config
         self.shard = weights.shard
+        self.nn = weights.kernels.nn  # the per-token math: ringllm.nn or its compiled twin
         self.alone = allreduce is None
         self.allreduce = allreduce or identity_allreduce
         self.allreduce_exact = allreduce_exact or self.allreduce
@@ -152,8 +152,8 @@ class Transformer:
         for seg in segments:
             seg.cache.length += len(seg.tokens)
         last = np.cumsum([len(s.tokens) for s in segments]) - 1
-        logits = self.w.output.matmul(nn.rmsnorm(x[last], self.w.output_norm, self.cfg.rms_eps))
-        return nn.softcap(logits, self.cfg.final_softcap) if self.cfg.final_softcap else logits
+        logits = self.w.output.matmul(self.nn.rmsnorm(x[last], self.w.output_norm, self.cfg.rms_eps))
+        return self.nn.softcap(logits, self.cfg.final_softcap) if self.cfg.final_softcap else logits
 
     def layers(self, x: np.ndarray, spans: Sequence[Span], after_kv: AfterKV | None = None) -> np.ndarray:
         """Every layer on the rows of ``spans`` (x is (their tokens, dim)); returns the new x.
@@ -165,20 +165,20 @@ class Transformer:
 
     def _block(self, li: int, lw: LayerWeights, x: np.ndarray, batch: _Batch, after_kv: AfterKV | None) -> np.ndarray:
         eps = self.cfg.rms_eps
-        a = self.allreduce(lw.wo.partial(self._attention(li, lw, nn.rmsnorm(x, lw.attn_norm, eps), batch, after_kv)))
+        a = self.allreduce(lw.wo.partial(self._attention(li, lw, self.nn.rmsnorm(x, lw.attn_norm, eps), batch, after_kv)))
         if lw.post_attn_norm is not None:
-            a = nn.rmsnorm(a, lw.post_attn_norm, eps)
+            a = self.nn.rmsnorm(a, lw.post_attn_norm, eps)
         x = x + a
-        f = self.allreduce(lw.down.partial(self._ffn(lw, nn.rmsnorm(x, lw.ffn_norm, eps))))
+        f = self.allreduce(lw.down.partial(self._ffn(lw, self.nn.rmsnorm(x, lw.ffn_norm, eps))))
         if lw.post_ffn_norm is not None:
-            f = nn.rmsnorm(f, lw.post_ffn_norm, eps)
+            f = self.nn.rmsnorm(f, lw.post_ffn_norm, eps)
         return x + f
 
     def _ffn(self, lw: LayerWeights, h: np.ndarray) -> np.ndarray:
         """(n, dim) -> (n, my_ffn): the gated hidden units this peer owns."""
         gu = lw.gate_up.matmul(h)
         f = gu.shape[1] // 2
-        return nn.GATES[self.cfg.arch.gate](gu[:, :f], gu[:, f:])
+        return self.nn.GATES[self.cfg.arch.gate](gu[:, :f], gu[:, f:])
 
     def _attention(self, li: int, lw: LayerWeights, h: np.ndarray, batch: _Batch,
                    after_kv: AfterKV | None) -> np.ndarray:
@@ -208,11 +208,11 @@ class Transformer:
         k = qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd)
         v = qkv[:, (nh + nkv) * hd :].reshape(n, nkv, hd)
         if lw.q_norm is not None:
-            q, k = nn.rmsnorm(q, lw.q_norm, c.rms_eps), nn.rmsnorm(k, lw.k_norm, c.rms_eps)
+            q, k = self.nn.rmsnorm(q, lw.q_norm, c.rms_eps), self.nn.rmsnorm(k, lw.k_norm, c.rms_eps)
         factors = batch.rope(c.layer_rope_theta(li))
-        q = nn.rope(q, factors, c.arch.rope_neox)
+        q = self.nn.rope(q, factors, c.arch.rope_neox)
         q *= np.float32(c.query_scale)  # the score scale, applied once to q
-        return q, nn.rope(k, factors, c.arch.rope_neox), v
+        return q, self.nn.rope(k, factors, c.arch.rope_neox), v
 
     def _attend(self, li: int, q: np.ndarray, batch: _Batch) -> np.ndarray:
         """Each span's queries (n, nh, hd) against its cached keys -> (n, nh * hd).
@@ -234,7 +234,7 @@ class Transformer:
             t, L = s.count, s.start + s.count
             # (t, nkv*qpk, hd) -> (nkv, qpk * t, hd): the query heads of a KV group share its keys.
             qs = q[row : row + t].reshape(t, nkv, qpk, hd).transpose(1, 2, 0, 3).reshape(nkv, qpk * t, hd)
-            o = nn.softmax_attention(qs, s.cache.k[li][:, :L], s.cache.v[li][:, :L], mask)  # (nkv, qpk*t, hd)
+            o = self.nn.cached_attention(qs, s.cache.k[li], s.cache.v[li], L, mask)  # (nkv, qpk*t, hd)
             out[row : row + t] = o.reshape(nkv, qpk, t, hd).transpose(2, 0, 1, 3).reshape(t, nkv * qpk * hd)
             row += t
         return out if nh == nkv * qpk else out[:, off * hd : (off + nh) * hd]

@@ -87,6 +87,13 @@ def softmax_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndar
     return np.matmul(scores, v)
 
 
+def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, length: int,
+                     mask: np.ndarray | None) -> np.ndarray:
+    """:func:`softmax_attention` of q (g, r, d) against the first ``length`` positions of a
+    sequence's cache, k/v (g, capacity, d)."""
+    return softmax_attention(q, k_cache[:, :length], v_cache[:, :length], mask)
+
+
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up = gate / (1 + e^-gate) * up (a new array; the inputs are kept)."""
     act = np.negative(gate)

@@ -35,9 +35,9 @@ GGUF byte: Q4_0 1.11, Q4_1 1.20, Q4_K 1.33, Q5_0 1.09, Q5_1 1.17, Q5_K 1.27, Q8_
 The products: ``y[i, r] = sum_g d[r,g] * sum_j c[r,g,j] x[i,g,j] + a[r,g] * s[i,g]`` with
 ``s[i, g] = sum_j x[i, g, j]`` (computed once per call) and ``a = m`` or ``-offset * d``. One
 row of x (decode) runs a kernel that decodes and multiplies in one pass over four weight
-rows; a few rows (a decode batch) go two rows of x per pass, each code decoded once for both;
-many rows (prefill) dequantize blocks of rows to float32 and call BLAS sgemm, which wins there
-(see ``GEMM_MIN_N``).
+rows; a few rows (a decode batch) and many rows (prefill, from ``GEMM_MIN_N``) go to
+:mod:`ringllm.ops.jit_batch` (each weight decoded once to float32, then dots or BLAS sgemm).
+``gemm_small`` below (two rows of x per pass) is the batch kernel jit_batch replaced.
 
 Threads: every kernel is ``parallel=True`` over fixed blocks of ``ROW_BLOCK`` rows (numba's
 OpenMP layer, which may be entered from several Python threads at once); a row's arithmetic
@@ -68,11 +68,11 @@ _F32 = np.float32
 
 # Rows per unit of parallel work. Fixed, so a row's result is the same for any thread count.
 ROW_BLOCK = 16
-# With at least this many rows of x, dequantize to float32 and use BLAS sgemm (prefill).
-# Measured on a 3072x576 Q4_1 matrix (thread CPU time, ns per weight for all rows): n=8 0.71
-# batch kernel vs 1.22 dequantize + sgemm, n=15 1.33 vs 1.57; at n=128 the two paths cost
-# the same as the numpy kernels' sgemm (9.6 vs 9.3 ms).
-GEMM_MIN_N = 16
+# With at least this many rows of x, dequantize to float32 and use BLAS sgemm (prefill);
+# fewer go to jit_batch.gemm_batch. Measured (bench/batch.py, thread CPU time, one thread, ns
+# per weight for all rows, batch kernel vs decode + sgemm): Q4_1 3072x576 n=16 0.63 vs 0.79,
+# n=24 1.19 vs 1.28, n=32 1.16 vs 1.28; Q8_0 8192x576 n=32 1.27 vs 1.33 (docs/performance.md).
+GEMM_MIN_N = 32
 # Prefill dequantizes this many weights at a time before each sgemm.
 GEMM_CHUNK_WEIGHTS = 1 << 18
 

@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ringllm.errors import ModelError
-from ringllm.ops import codes, jit
+from ringllm.ops import codes, jit, jit_batch
 
 QT = GGMLQuantizationType
 _F32 = np.float32
@@ -136,24 +136,29 @@ class JitMatrix:
         if n >= jit.GEMM_MIN_N:
             self._gemm_blas(x, out)
             return
-        G = self._d.shape[1]
-        xs = x.reshape(n, G, self._gs).sum(axis=2, dtype=_F32)
         m = self._m if self._m is not None else _EMPTY
         qh = self._qh if self._qh is not None else _EMPTY_U32
         if n == 1:
+            xs = x.reshape(n, self._d.shape[1], self._gs).sum(axis=2, dtype=_F32)
             jit.gemv(self._fmt, self._qs, qh, self._d, m, self._off, x[0], xs[0], out[0])
-        else:
-            jit.gemm_small(self._fmt, self._qs, qh, self._d, m, self._off, x, xs, out)
+        else:  # a decode batch: each weight decoded once for all n rows (jit_batch)
+            half = self._gs // 2
+            jit_batch.gemm_batch(self._fmt, half, self._qs, qh, self._d, m, self._off,
+                                 jit_batch.split_order(x, half), out)
 
     def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
-        """Prefill: dequantize blocks of rows (compiled, threaded) and sgemm each."""
+        """Prefill: decode blocks of rows to float32 (compiled, threaded; jit_batch) and sgemm each."""
         step = max(jit.ROW_BLOCK, jit.GEMM_CHUNK_WEIGHTS // self.cols // jit.ROW_BLOCK * jit.ROW_BLOCK)
         buf = np.empty((min(step, self.rows), self.cols), _F32)
+        m = self._m if self._m is not None else _EMPTY
+        qh = self._qh if self._qh is not None else _EMPTY_U32
+        half = self._gs // 2
+        xp = jit_batch.split_order(x, half)  # the decoded rows' column order
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
             w = buf[: r1 - r0]
-            self._dequant_into(r0, w)
-            np.matmul(x, w.T, out=out[:, r0:r1])
+            jit_batch.decode_rows(self._fmt, half, self._qs, qh, self._d, m, self._off, r0, w)
+            np.matmul(xp, w.T, out=out[:, r0:r1])
 
     def _dequant_into(self, r0: int, w: np.ndarray) -> None:
         m = self._m if self._m is not None else _EMPTY

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from ringllm import nn
 from ringllm.errors import ConfigError
 from ringllm.ops import quant
 
@@ -40,6 +41,16 @@ class Kernels:
 
             return JitMatrix.from_raw(qtype, raw, rows, cols, rows_done=rows_done)
         return quant.QuantMatrix.from_raw(qtype, raw, rows, cols, rows_done=rows_done)
+
+    @property
+    def nn(self):
+        """The per-token math for this family: :mod:`ringllm.ops.fused` (compiled) for numba,
+        :mod:`ringllm.nn` (the reference) for numpy; both have the same functions."""
+        if self.family == "numba":
+            from ringllm.ops import fused
+
+            return fused
+        return nn
 
     def bind(self) -> None:
         """Make the calling thread's kernels use ``threads`` threads."""
@@ -93,12 +104,13 @@ def _load_numba(threads: int, say: Callable[[str], None]) -> None:
                           f"{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS)")
     if _compiled:
         return
-    from ringllm.ops import jit, jit_matrix
+    from ringllm.ops import fused, jit, jit_matrix
 
     t = time.perf_counter()
     if not jit.cache_is_warm():
         say("compiling kernels, first run only (about a minute or two)")
     jit_matrix.warm_up()
+    fused.warm_up()
     took = time.perf_counter() - t
     if took > 5:
         say(f"kernels compiled in {took:.0f} s (cached in {jit.cache_dir()})")

@@ -5,8 +5,8 @@ must write every weight out as a float32 and read it back, every token. These ke
 group of codes in registers and multiply it straight away, so a weight costs its packed bytes
 of memory traffic and a few vector instructions.
 
-Layout (row-major; one row's bytes are contiguous, so a thread streams its own rows)
--------------------------------------------------------------------------------------
+Layout (four rows interleaved per group, so a pass over four rows reads one contiguous stream)
+------------------------------------------------------------------------------------------------
 Every quantized type is reduced at load, as :mod:`ringllm.ops.codes` says, to unsigned
 codes ``c`` and float32 scales per group of ``gs`` values::
 
@@ -14,7 +14,7 @@ codes ``c`` and float32 scales per group of ``gs`` values::
     w[r, g*gs + j] = d[r, g] * (c[r, g, j] - offset)      (Q4_0: 8, Q5_0: 16, Q8_0: 128, Q6_K: 32)
 
 K-quant sub-block scales are folded into ``d`` and ``m`` as gguf computes them, so the values
-are gguf's bit for bit. The codes are held as:
+are gguf's bit for bit. The codes of one group of one row are packed as:
 
 ==========================  ====  ==========================================================
 types                       gs    per group of one row
@@ -27,7 +27,16 @@ Q6_K            (fmt Q6)    16    ``qs``: 8 bytes, byte j = low4(c[j]) | low4(c[
                                   16+2j..17+2j = c[j+8] >> 4 (j < 8)
 ==========================  ====  ==========================================================
 
-plus ``d`` (rows, G) float32 and, for types with a min, ``m`` (rows, G) float32. Held bytes per
+and held as ``qs`` uint8 (ceil(rows/4), G * 4 * W) (W bytes a group, as above) and ``qh``
+uint32 (ceil(rows/4), G * 4): row r's group g at ``qs[r >> 2, (4*g + (r & 3)) * W :][:W]`` and
+``qh[r >> 2, 4*g + (r & 3)]``, i.e. the quad of rows 4q..4q+3 stores group 0 of its four
+rows, then group 1 of its four rows, and so on (rows past the end are zero). The products read
+four rows at a time, so each pass streams one run of memory; with the rows one after another
+the four streams of a pass ran 1.1-3.7x slower from DRAM (the 49152x576 Q8_0 output matrix,
+0.45-0.95 ns/weight against 0.12, measured side by side; see docs/performance.md). Only the
+``_pair_*`` decoders index ``qs``/``qh``: every kernel goes through them. Beside them ``d``
+(rows, G) float32 and, for types with a min, ``m`` (rows, G) float32 (a quad's scales are
+contiguous already). Held bytes per
 GGUF byte: Q4_0 1.11, Q4_1 1.20, Q4_K 1.33, Q5_0 1.09, Q5_1 1.17, Q5_K 1.27, Q8_0 1.06, Q6_K
 1.22. Float matrices keep their own bits: F32 (rows, cols) float32 goes to BLAS; F16 and BF16
 (rows, cols) uint16 are widened in registers.
@@ -67,7 +76,7 @@ QT = GGMLQuantizationType
 _F32 = np.float32
 
 # Rows per unit of parallel work. Fixed, so a row's result is the same for any thread count.
-ROW_BLOCK = 16
+ROW_BLOCK = 16  # a multiple of 4: a quad of interleaved rows never straddles two blocks
 # With at least this many rows of x, dequantize to float32 and use BLAS sgemm (prefill).
 # Measured on a 3072x576 Q4_1 matrix (thread CPU time, ns per weight for all rows): n=8 0.71
 # batch kernel vs 1.22 dequantize + sgemm, n=15 1.33 vs 1.57; at n=128 the two paths cost
@@ -112,14 +121,14 @@ _HI = np.array([16.0, 16.0, 1.0, 16.0], np.float32)  # by format: NIB4, NIB5, BY
 
 @njit(inline="always", **_JIT)
 def _pair_nib4(qs, qh, r, g, j):
-    b = _I(qs[r, g * 16 + j])
+    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 16 + j])
     return _F32(b & _I(15)), _F32(b & _I(240))
 
 
 @njit(inline="always", **_JIT)
 def _pair_nib5(qs, qh, r, g, j):
-    b = _I(qs[r, g * 16 + j])
-    h = _I(qh[r, g])
+    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 16 + j])
+    h = _I(qh[r >> 2, g * 4 + (r & 3)])
     lo = _F32(b & _I(15)) + _F32(h & _B1[j]) * _S1L[j]  # bit j, as 0 or 16
     hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B1[j]) * _S1H[j]  # bit 16 + j, as 0 or 256
     return lo, hi
@@ -127,13 +136,14 @@ def _pair_nib5(qs, qh, r, g, j):
 
 @njit(inline="always", **_JIT)
 def _pair_byte(qs, qh, r, g, j):
-    return _F32(_I(qs[r, g * 32 + j])), _F32(_I(qs[r, g * 32 + 16 + j]))
+    k = (g * 4 + (r & 3)) * 32
+    return _F32(_I(qs[r >> 2, k + j])), _F32(_I(qs[r >> 2, k + 16 + j]))
 
 
 @njit(inline="always", **_JIT)
 def _pair_q6(qs, qh, r, g, j):
-    b = _I(qs[r, g * 8 + j])
-    h = _I(qh[r, g])
+    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 8 + j])
+    h = _I(qh[r >> 2, g * 4 + (r & 3)])
     lo = _F32(b & _I(15)) + _F32(h & _B2[j]) * _S2L[j]  # bits 2j..2j+1, times 16
     hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B2[j]) * _S2H[j]  # bits 16+2j.., times 256
     return lo, hi

@@ -16,7 +16,8 @@ _F32 = np.float32
 
 
 def _pack(fmt: int, codes: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """codes (r, cols) unsigned -> (qs, qh) in this module's layout (see the module doc)."""
+    """codes (r, cols) unsigned -> (qs (r, G * bytes per group), qh (r, G) or None): each
+    row's groups as jit's layout packs them, before four rows are interleaved."""
     r, cols = codes.shape
     G = cols // gs
     c = codes.reshape(r, G, gs).astype(np.uint32)
@@ -81,8 +82,10 @@ class JitMatrix:
         codec = codes.codec(qtype)
         fmt, gs = jit.FORMAT[qtype], codec.gs
         G = cols // gs
-        qs = np.empty((rows, G * (gs if fmt == jit.BYTE else gs // 2)), np.uint8)
-        qh = np.empty((rows, G), np.uint32) if fmt in (jit.NIB5, jit.Q6) else None
+        quads, width = (rows + 3) // 4, gs if fmt == jit.BYTE else gs // 2
+        # Four rows interleaved per group (see jit's layout); rows past the end stay zero.
+        qs = np.zeros((quads, G, 4, width), np.uint8)
+        qh = np.zeros((quads, G, 4), np.uint32) if fmt in (jit.NIB5, jit.Q6) else None
         d = np.empty((rows, G), _F32)
         m = np.empty((rows, G), _F32) if codec.has_m else None
         step = max(1, (1 << 18) // cols)
@@ -90,14 +93,17 @@ class JitMatrix:
             r1 = min(rows, r0 + step)
             c, dr, mr = codec.unpack(np.asarray(raw[r0:r1]), cols)
             q, h = _pack(fmt, c, gs)
-            qs[r0:r1] = q
+            at = np.arange(r0, r1)
+            qs.transpose(0, 2, 1, 3)[at >> 2, at & 3] = q.reshape(r1 - r0, G, width)
             if qh is not None:
-                qh[r0:r1] = h
+                qh.transpose(0, 2, 1)[at >> 2, at & 3] = h
             d[r0:r1] = dr
             if m is not None:
                 m[r0:r1] = mr
             if rows_done is not None:
                 rows_done(r1)
+        qs = qs.reshape(quads, G * 4 * width)
+        qh = qh.reshape(quads, G * 4) if qh is not None else None
         return cls(qtype, rows, cols, qs, qh, d, m)
 
     @property

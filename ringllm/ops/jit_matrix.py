@@ -58,6 +58,9 @@ class JitMatrix:
         if self._fmt is not None:
             codec = codes.codec(self.qtype)
             self._gs, self._off = codec.gs, _F32(codec.offset)
+            # gemv's leading arguments, made once: a decode token makes ~120 calls.
+            self._gemv_args = (self._fmt, qs, qh if qh is not None else _EMPTY_U32, d,
+                               m if m is not None else _EMPTY, self._off)
 
     # -- construction
 
@@ -133,6 +136,9 @@ class JitMatrix:
 
     def _product(self, x: np.ndarray, out: np.ndarray) -> None:
         n = x.shape[0]
+        if n == 1 and self._fmt is not None:  # decode: the hot path, checked first
+            jit.gemv(*self._gemv_args, x[0], out[0])
+            return
         if self.qtype == QT.F32:
             np.matmul(x, self._qs.T, out=out)
             return
@@ -142,14 +148,11 @@ class JitMatrix:
         if n >= jit.GEMM_MIN_N:
             self._gemm_blas(x, out)
             return
-        G = self._d.shape[1]
-        xs = x.reshape(n, G, self._gs).sum(axis=2, dtype=_F32)
         m = self._m if self._m is not None else _EMPTY
         qh = self._qh if self._qh is not None else _EMPTY_U32
-        if n == 1:
-            jit.gemv(self._fmt, self._qs, qh, self._d, m, self._off, x[0], xs[0], out[0])
-        else:
-            jit.gemm_small(self._fmt, self._qs, qh, self._d, m, self._off, x, xs, out)
+        G = self._d.shape[1]
+        xs = x.reshape(n, G, self._gs).sum(axis=2, dtype=_F32)
+        jit.gemm_small(self._fmt, self._qs, qh, self._d, m, self._off, x, xs, out)
 
     def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
         """Prefill: dequantize blocks of rows (compiled, threaded) and sgemm each."""

@@ -5,8 +5,8 @@ must write every weight out as a float32 and read it back, every token. These ke
 group of codes in registers and multiply it straight away, so a weight costs its packed bytes
 of memory traffic and a few vector instructions.
 
-Layout (row-major; one row's bytes are contiguous, so a thread streams its own rows)
--------------------------------------------------------------------------------------
+Layout (four rows interleaved per group, so a pass over four rows reads one contiguous stream)
+------------------------------------------------------------------------------------------------
 Every quantized type is reduced at load, as :mod:`ringllm.ops.codes` says, to unsigned
 codes ``c`` and float32 scales per group of ``gs`` values::
 
@@ -14,7 +14,7 @@ codes ``c`` and float32 scales per group of ``gs`` values::
     w[r, g*gs + j] = d[r, g] * (c[r, g, j] - offset)      (Q4_0: 8, Q5_0: 16, Q8_0: 128, Q6_K: 32)
 
 K-quant sub-block scales are folded into ``d`` and ``m`` as gguf computes them, so the values
-are gguf's bit for bit. The codes are held as:
+are gguf's bit for bit. The codes of one group of one row are packed as:
 
 ==========================  ====  ==========================================================
 types                       gs    per group of one row
@@ -27,7 +27,16 @@ Q6_K            (fmt Q6)    16    ``qs``: 8 bytes, byte j = low4(c[j]) | low4(c[
                                   16+2j..17+2j = c[j+8] >> 4 (j < 8)
 ==========================  ====  ==========================================================
 
-plus ``d`` (rows, G) float32 and, for types with a min, ``m`` (rows, G) float32. Held bytes per
+and held as ``qs`` uint8 (ceil(rows/4), G * 4 * W) (W bytes a group, as above) and ``qh``
+uint32 (ceil(rows/4), G * 4): row r's group g at ``qs[r >> 2, (4*g + (r & 3)) * W :][:W]`` and
+``qh[r >> 2, 4*g + (r & 3)]``, i.e. the quad of rows 4q..4q+3 stores group 0 of its four
+rows, then group 1 of its four rows, and so on (rows past the end are zero). The products read
+four rows at a time, so each pass streams one run of memory; with the rows one after another
+the four streams of a pass ran 1.1-3.7x slower from DRAM (the 49152x576 Q8_0 output matrix,
+0.45-0.95 ns/weight against 0.12, measured side by side; see docs/performance.md). Only the
+``_pair_*`` decoders index ``qs``/``qh``: every kernel goes through them. Beside them ``d``
+(rows, G) float32 and, for types with a min, ``m`` (rows, G) float32 (a quad's scales are
+contiguous already). Held bytes per
 GGUF byte: Q4_0 1.11, Q4_1 1.20, Q4_K 1.33, Q5_0 1.09, Q5_1 1.17, Q5_K 1.27, Q8_0 1.06, Q6_K
 1.22. Float matrices keep their own bits: F32 (rows, cols) float32 goes to BLAS; F16 and BF16
 (rows, cols) uint16 are widened in registers.
@@ -37,7 +46,6 @@ The products: ``y[i, r] = sum_g d[r,g] * sum_j c[r,g,j] x[i,g,j] + a[r,g] * s[i,
 row of x (decode) runs a kernel that decodes and multiplies in one pass over four weight
 rows; a few rows (a decode batch) and many rows (prefill, from ``GEMM_MIN_N``) go to
 :mod:`ringllm.ops.jit_batch` (each weight decoded once to float32, then dots or BLAS sgemm).
-``gemm_small`` below (two rows of x per pass) is the batch kernel jit_batch replaced.
 
 Threads: every kernel is ``parallel=True`` over fixed blocks of ``ROW_BLOCK`` rows (numba's
 OpenMP layer, which may be entered from several Python threads at once); a row's arithmetic
@@ -67,7 +75,7 @@ QT = GGMLQuantizationType
 _F32 = np.float32
 
 # Rows per unit of parallel work. Fixed, so a row's result is the same for any thread count.
-ROW_BLOCK = 16
+ROW_BLOCK = 16  # a multiple of 4: a quad of interleaved rows never straddles two blocks
 # With at least this many rows of x, dequantize to float32 and use BLAS sgemm (prefill);
 # fewer go to jit_batch.gemm_batch. Measured (bench/batch.py, thread CPU time, one thread, ns
 # per weight for all rows, batch kernel vs decode + sgemm): Q4_1 3072x576 n=16 0.63 vs 0.79,
@@ -112,14 +120,14 @@ _HI = np.array([16.0, 16.0, 1.0, 16.0], np.float32)  # by format: NIB4, NIB5, BY
 
 @njit(inline="always", **_JIT)
 def _pair_nib4(qs, qh, r, g, j):
-    b = _I(qs[r, g * 16 + j])
+    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 16 + j])
     return _F32(b & _I(15)), _F32(b & _I(240))
 
 
 @njit(inline="always", **_JIT)
 def _pair_nib5(qs, qh, r, g, j):
-    b = _I(qs[r, g * 16 + j])
-    h = _I(qh[r, g])
+    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 16 + j])
+    h = _I(qh[r >> 2, g * 4 + (r & 3)])
     lo = _F32(b & _I(15)) + _F32(h & _B1[j]) * _S1L[j]  # bit j, as 0 or 16
     hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B1[j]) * _S1H[j]  # bit 16 + j, as 0 or 256
     return lo, hi
@@ -127,13 +135,14 @@ def _pair_nib5(qs, qh, r, g, j):
 
 @njit(inline="always", **_JIT)
 def _pair_byte(qs, qh, r, g, j):
-    return _F32(_I(qs[r, g * 32 + j])), _F32(_I(qs[r, g * 32 + 16 + j]))
+    k = (g * 4 + (r & 3)) * 32
+    return _F32(_I(qs[r >> 2, k + j])), _F32(_I(qs[r >> 2, k + 16 + j]))
 
 
 @njit(inline="always", **_JIT)
 def _pair_q6(qs, qh, r, g, j):
-    b = _I(qs[r, g * 8 + j])
-    h = _I(qh[r, g])
+    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 8 + j])
+    h = _I(qh[r >> 2, g * 4 + (r & 3)])
     lo = _F32(b & _I(15)) + _F32(h & _B2[j]) * _S2L[j]  # bits 2j..2j+1, times 16
     hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B2[j]) * _S2H[j]  # bits 16+2j.., times 256
     return lo, hi
@@ -143,7 +152,7 @@ def _pair_q6(qs, qh, r, g, j):
 def _pair(fmt, qs, qh, r, g, j):
     """The format is a plain argument, not a function passed in: numba cannot cache kernels
     that take functions, and typing one on every call cost more than the kernel (measured).
-    Call it only with a literal ``fmt`` (see _quad's callers): with a runtime one, LLVM
+    Call it only with a literal ``fmt`` (see gemv's): with a runtime one, LLVM
     if-converts the four decoders into one loop that computes all of them (measured 2-3x
     slower)."""
     if fmt == NIB4:
@@ -163,58 +172,79 @@ def _pair(fmt, qs, qh, r, g, j):
 
 
 @njit(inline="always", **_JIT)
-def _quad(fmt, half, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc):
-    """sum_g scale(sum_j c[row, g, j] x[g, j]) for four rows at once. Inlined where ``half``
-    is a literal, so the inner loop's trip count is a constant (a runtime ``half`` measured
-    2x slower: LLVM then vectorizes it for any length)."""
-    a0 = a1 = a2 = a3 = _F32(0)
-    inv_hi = _F32(1) / _HI[fmt]  # a power of two: x * inv_hi is exact
+def _quad_acc(fmt, half, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc, acc):
+    """Four weight rows times one row of x, for the one-row GEMV: each row's scaled products
+    accumulate in ``half`` lanes (``acc``, (4, 16) scratch) across all groups and are summed once
+    at the end, instead of a horizontal sum per group and row, which was 40% of the instructions
+    of the kernel before it (its asm). Measured (one thread, thread CPU time, ns/weight, same run): Q4_0/Q4_1/Q4_K 0.115 ->
+    0.091, Q8_0 0.105 -> 0.084, Q5_0 0.176 -> 0.162, Q6_K 0.244 -> 0.177. The scratch is made
+    once per block of rows; a view of one per-thread buffer measured 4x slower (LLVM no longer
+    vectorized)."""
+    inv_hi = _F32(1) / _HI[fmt]
+    b0 = b1 = b2 = b3 = _F32(0)
+    acc[:] = 0
     for g in range(d.shape[1]):
-        s0 = s1 = s2 = s3 = _F32(0)
         x0 = g * 2 * half
+        d0, d1, d2, d3 = d[r, g], d[ra, g], d[rb, g], d[rc, g]
         for j in range(half):
             xl, xh = x[x0 + j], x[x0 + half + j] * inv_hi
             lo, hi = _pair(fmt, qs, qh, r, g, j)
-            s0 += lo * xl + hi * xh
+            acc[0, j] += d0 * (lo * xl + hi * xh)
             lo, hi = _pair(fmt, qs, qh, ra, g, j)
-            s1 += lo * xl + hi * xh
+            acc[1, j] += d1 * (lo * xl + hi * xh)
             lo, hi = _pair(fmt, qs, qh, rb, g, j)
-            s2 += lo * xl + hi * xh
+            acc[2, j] += d2 * (lo * xl + hi * xh)
             lo, hi = _pair(fmt, qs, qh, rc, g, j)
-            s3 += lo * xl + hi * xh
+            acc[3, j] += d3 * (lo * xl + hi * xh)
         xg = xs[g]
         if has_m:
-            a0 += d[r, g] * s0 + m[r, g] * xg
-            a1 += d[ra, g] * s1 + m[ra, g] * xg
-            a2 += d[rb, g] * s2 + m[rb, g] * xg
-            a3 += d[rc, g] * s3 + m[rc, g] * xg
+            b0 += m[r, g] * xg
+            b1 += m[ra, g] * xg
+            b2 += m[rb, g] * xg
+            b3 += m[rc, g] * xg
         else:
-            a0 += d[r, g] * (s0 - off * xg)
-            a1 += d[ra, g] * (s1 - off * xg)
-            a2 += d[rb, g] * (s2 - off * xg)
-            a3 += d[rc, g] * (s3 - off * xg)
-    return a0, a1, a2, a3
+            xo = off * xg
+            b0 -= d0 * xo
+            b1 -= d1 * xo
+            b2 -= d2 * xo
+            b3 -= d3 * xo
+    for j in range(half):
+        b0 += acc[0, j]
+        b1 += acc[1, j]
+        b2 += acc[2, j]
+        b3 += acc[3, j]
+    return b0, b1, b2, b3
 
 
 @njit(**_JITP)
-def gemv(fmt, qs, qh, d, m, off, x, xs, out):
-    """One row of x: y[r] = sum_g scale(sum_j c[r, g, j] x[g, j]), four rows at a time."""
-    rows = d.shape[0]
+def gemv(fmt, qs, qh, d, m, off, x, out):
+    """One row of x: y[r] = sum_g scale(sum_j c[r, g, j] x[g, j]), four rows at a time. The
+    group sums of x are taken here, once, before the threads split (a numpy call for them cost
+    4-5 us of a 576x576 product's ~40)."""
+    rows, G = d.shape
     has_m = m.shape[0] == rows
+    gs = x.shape[0] // G
+    xs = np.empty(G, _F32)
+    for g in range(G):
+        t = _F32(0)
+        for j in range(gs):
+            t += x[g * gs + j]
+        xs[g] = t
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        acc = np.empty((4, 16), _F32)
         r0 = blk * ROW_BLOCK
         r1 = min(rows, r0 + ROW_BLOCK)
         r = r0
         while r < r1:  # rows r..r+3, the last one repeated where fewer remain (not stored)
             ra, rb, rc = min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1)
             if fmt == NIB4:
-                a0, a1, a2, a3 = _quad(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+                a0, a1, a2, a3 = _quad_acc(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc, acc)
             elif fmt == NIB5:
-                a0, a1, a2, a3 = _quad(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+                a0, a1, a2, a3 = _quad_acc(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc, acc)
             elif fmt == BYTE:
-                a0, a1, a2, a3 = _quad(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+                a0, a1, a2, a3 = _quad_acc(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc, acc)
             else:
-                a0, a1, a2, a3 = _quad(Q6, 8, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc)
+                a0, a1, a2, a3 = _quad_acc(Q6, 8, qs, qh, d, m, has_m, off, x, xs, r, ra, rb, rc, acc)
             out[r] = a0
             if r + 1 < r1:
                 out[r + 1] = a1
@@ -222,97 +252,6 @@ def gemv(fmt, qs, qh, d, m, off, x, xs, out):
                 out[r + 2] = a2
             if r + 3 < r1:
                 out[r + 3] = a3
-            r += 4
-
-
-@njit(inline="always", **_JIT)
-def _quad2(fmt, half, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, out):
-    """Rows x[i], x[i+1] times four weight rows: each code decoded once for both rows of x
-    (eight sums live in registers; more rows of x at once spilled them, measured)."""
-    inv_hi = _F32(1) / _HI[fmt]
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _F32(0)
-    for g in range(d.shape[1]):
-        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _F32(0)
-        x0 = g * 2 * half
-        for j in range(half):
-            pl, ph = x[i, x0 + j], x[i, x0 + half + j] * inv_hi
-            ql, qh_ = x[i + 1, x0 + j], x[i + 1, x0 + half + j] * inv_hi
-            lo, hi = _pair(fmt, qs, qh, r, g, j)
-            s00 += lo * pl + hi * ph
-            s10 += lo * ql + hi * qh_
-            lo, hi = _pair(fmt, qs, qh, ra, g, j)
-            s01 += lo * pl + hi * ph
-            s11 += lo * ql + hi * qh_
-            lo, hi = _pair(fmt, qs, qh, rb, g, j)
-            s02 += lo * pl + hi * ph
-            s12 += lo * ql + hi * qh_
-            lo, hi = _pair(fmt, qs, qh, rc, g, j)
-            s03 += lo * pl + hi * ph
-            s13 += lo * ql + hi * qh_
-        xp, xq = xs[i, g], xs[i + 1, g]
-        if has_m:
-            a00 += d[r, g] * s00 + m[r, g] * xp
-            a01 += d[ra, g] * s01 + m[ra, g] * xp
-            a02 += d[rb, g] * s02 + m[rb, g] * xp
-            a03 += d[rc, g] * s03 + m[rc, g] * xp
-            a10 += d[r, g] * s10 + m[r, g] * xq
-            a11 += d[ra, g] * s11 + m[ra, g] * xq
-            a12 += d[rb, g] * s12 + m[rb, g] * xq
-            a13 += d[rc, g] * s13 + m[rc, g] * xq
-        else:
-            a00 += d[r, g] * (s00 - off * xp)
-            a01 += d[ra, g] * (s01 - off * xp)
-            a02 += d[rb, g] * (s02 - off * xp)
-            a03 += d[rc, g] * (s03 - off * xp)
-            a10 += d[r, g] * (s10 - off * xq)
-            a11 += d[ra, g] * (s11 - off * xq)
-            a12 += d[rb, g] * (s12 - off * xq)
-            a13 += d[rc, g] * (s13 - off * xq)
-    out[0, 0], out[0, 1], out[0, 2], out[0, 3] = a00, a01, a02, a03
-    out[1, 0], out[1, 1], out[1, 2], out[1, 3] = a10, a11, a12, a13
-
-
-@njit(**_JITP)
-def gemm_small(fmt, qs, qh, d, m, off, x, xs, out):
-    """A few rows of x (a decode batch): two rows of x at a time share each decoded code, the
-    odd one out runs the one-row path. Every row of out is computed by the same arithmetic
-    whatever n is, except that the pairing decides which sums share registers, not the order."""
-    rows = d.shape[0]
-    n = x.shape[0]
-    has_m = m.shape[0] == rows
-    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        t = np.empty((2, 4), _F32)
-        r0 = blk * ROW_BLOCK
-        r1 = min(rows, r0 + ROW_BLOCK)
-        r = r0
-        while r < r1:
-            ra, rb, rc = min(r + 1, r1 - 1), min(r + 2, r1 - 1), min(r + 3, r1 - 1)
-            k = min(4, r1 - r)
-            for i in range(0, n - 1, 2):
-                if fmt == NIB4:
-                    _quad2(NIB4, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
-                elif fmt == NIB5:
-                    _quad2(NIB5, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
-                elif fmt == BYTE:
-                    _quad2(BYTE, 16, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
-                else:
-                    _quad2(Q6, 8, qs, qh, d, m, has_m, off, x, xs, i, r, ra, rb, rc, t)
-                for c in range(k):
-                    out[i, r + c] = t[0, c]
-                    out[i + 1, r + c] = t[1, c]
-            if n % 2:
-                xl = x[n - 1]
-                sl = xs[n - 1]
-                if fmt == NIB4:
-                    a = _quad(NIB4, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
-                elif fmt == NIB5:
-                    a = _quad(NIB5, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
-                elif fmt == BYTE:
-                    a = _quad(BYTE, 16, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
-                else:
-                    a = _quad(Q6, 8, qs, qh, d, m, has_m, off, xl, sl, r, ra, rb, rc)
-                for c in range(k):
-                    out[n - 1, r + c] = a[c]
             r += 4
 
 

@@ -16,7 +16,8 @@ _F32 = np.float32
 
 
 def _pack(fmt: int, codes: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """codes (r, cols) unsigned -> (qs, qh) in this module's layout (see the module doc)."""
+    """codes (r, cols) unsigned -> (qs (r, G * bytes per group), qh (r, G) or None): each
+    row's groups as jit's layout packs them, before four rows are interleaved."""
     r, cols = codes.shape
     G = cols // gs
     c = codes.reshape(r, G, gs).astype(np.uint32)
@@ -57,6 +58,9 @@ class JitMatrix:
         if self._fmt is not None:
             codec = codes.codec(self.qtype)
             self._gs, self._off = codec.gs, _F32(codec.offset)
+            # gemv's leading arguments, made once: a decode token makes ~120 calls.
+            self._gemv_args = (self._fmt, qs, qh if qh is not None else _EMPTY_U32, d,
+                               m if m is not None else _EMPTY, self._off)
 
     # -- construction
 
@@ -81,8 +85,10 @@ class JitMatrix:
         codec = codes.codec(qtype)
         fmt, gs = jit.FORMAT[qtype], codec.gs
         G = cols // gs
-        qs = np.empty((rows, G * (gs if fmt == jit.BYTE else gs // 2)), np.uint8)
-        qh = np.empty((rows, G), np.uint32) if fmt in (jit.NIB5, jit.Q6) else None
+        quads, width = (rows + 3) // 4, gs if fmt == jit.BYTE else gs // 2
+        # Four rows interleaved per group (see jit's layout); rows past the end stay zero.
+        qs = np.zeros((quads, G, 4, width), np.uint8)
+        qh = np.zeros((quads, G, 4), np.uint32) if fmt in (jit.NIB5, jit.Q6) else None
         d = np.empty((rows, G), _F32)
         m = np.empty((rows, G), _F32) if codec.has_m else None
         step = max(1, (1 << 18) // cols)
@@ -90,14 +96,17 @@ class JitMatrix:
             r1 = min(rows, r0 + step)
             c, dr, mr = codec.unpack(np.asarray(raw[r0:r1]), cols)
             q, h = _pack(fmt, c, gs)
-            qs[r0:r1] = q
+            at = np.arange(r0, r1)
+            qs.transpose(0, 2, 1, 3)[at >> 2, at & 3] = q.reshape(r1 - r0, G, width)
             if qh is not None:
-                qh[r0:r1] = h
+                qh.transpose(0, 2, 1)[at >> 2, at & 3] = h
             d[r0:r1] = dr
             if m is not None:
                 m[r0:r1] = mr
             if rows_done is not None:
                 rows_done(r1)
+        qs = qs.reshape(quads, G * 4 * width)
+        qh = qh.reshape(quads, G * 4) if qh is not None else None
         return cls(qtype, rows, cols, qs, qh, d, m)
 
     @property
@@ -127,6 +136,9 @@ class JitMatrix:
 
     def _product(self, x: np.ndarray, out: np.ndarray) -> None:
         n = x.shape[0]
+        if n == 1 and self._fmt is not None:  # decode: the hot path, checked first
+            jit.gemv(*self._gemv_args, x[0], out[0])
+            return
         if self.qtype == QT.F32:
             np.matmul(x, self._qs.T, out=out)
             return
@@ -138,13 +150,9 @@ class JitMatrix:
             return
         m = self._m if self._m is not None else _EMPTY
         qh = self._qh if self._qh is not None else _EMPTY_U32
-        if n == 1:
-            xs = x.reshape(n, self._d.shape[1], self._gs).sum(axis=2, dtype=_F32)
-            jit.gemv(self._fmt, self._qs, qh, self._d, m, self._off, x[0], xs[0], out[0])
-        else:  # a decode batch: each weight decoded once for all n rows (jit_batch)
-            half = self._gs // 2
-            jit_batch.gemm_batch(self._fmt, half, self._qs, qh, self._d, m, self._off,
-                                 jit_batch.split_order(x, half), out)
+        half = self._gs // 2  # a decode batch: each weight decoded once for all n rows (jit_batch)
+        jit_batch.gemm_batch(self._fmt, half, self._qs, qh, self._d, m, self._off,
+                             jit_batch.split_order(x, half), out)
 
     def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
         """Prefill: decode blocks of rows to float32 (compiled, threaded; jit_batch) and sgemm each."""

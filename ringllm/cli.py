@@ -142,8 +142,8 @@ def print_completion(args: argparse.Namespace, done: Completion) -> int:
         print()
     if done.finish_reason == "length" and len(done.ids) < args.max_tokens:
         # Only the context's end stops a generation at "length" short of max_tokens.
-        _progress(f"the context is full: {len(done.prompt_ids)} prompt + {len(done.ids)} generated tokens fill it, "
-                  f"so {len(done.ids)} of the {args.max_tokens} tokens asked (--max-tokens) were generated")
+        _progress(f"the context is full: generated {len(done.ids)} of the {args.max_tokens} tokens asked "
+                  f"(--max-tokens) after a {len(done.prompt_ids)}-token prompt")
     print(f"ringllm: {len(done.ids)} tokens, first after {done.time_to_first_token * 1000:.0f} ms, "
           f"{done.tokens_per_second:.1f} tokens/s, finish: {done.finish_reason}", file=sys.stderr)
     return 0

@@ -78,8 +78,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     """Bind rank's HTTP port, load its shard, join the ring, and drive steps until cancelled.
 
     HTTP answers from the start (:mod:`ringllm.http.joining`: ``/health`` is 503 ``loading``,
-    then ``joining`` with whom it waits for, logged every WAIT_LOG_SECONDS); a busy HTTP port
-    raises ConfigError before anything else happens. Once the ring is up the peer's own app
+    then ``joining`` with whom it waits for, logged every WAIT_LOG_SECONDS); a busy ring or
+    HTTP port raises ConfigError before anything else happens. Once the ring is up the peer's own app
     serves on the same socket.
 
     A broken ring does not end it: in-flight requests fail with PeerLostError naming the lost
@@ -96,13 +96,20 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     from ringllm.http.app import make_app
     from ringllm.http.joining import StartupState, bind_http, make_joining_app
     from ringllm.peer import Peer
-    from ringllm.ring.formation import FormationProgress, RingListener, open_tcp_ring
+    from ringllm.ring.formation import FormationProgress, RingListener, bind_ring_port, open_tcp_ring
     from ringllm.ring.handshake import HandshakeInfo
     from ringllm.ring.tls import http_server_context, peer_contexts
 
     me_cfg = cfg.peer(rank)
-    # HTTP first: a busy port stops this peer before it loads or joins anything.
-    http_sock = bind_http(cfg.http_host, me_cfg.http_port, rank)
+    addrs = [(p.host, p.port) for p in cfg.peers]
+    # Both ports first: a busy one stops this peer before it loads or joins anything.
+    ring_sock = bind_ring_port(rank, *(listen or addrs[rank])) if cfg.size > 1 else None
+    try:
+        http_sock = bind_http(cfg.http_host, me_cfg.http_port, rank)
+    except BaseException:
+        if ring_sock is not None:
+            ring_sock.close()
+        raise
     progress = FormationProgress()
     state = StartupState(rank, cfg.size, progress)
     http_ssl = http_server_context(cfg.tls) if cfg.tls else None
@@ -120,12 +127,12 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
         me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest(),
                            config=ring_config_claim(cfg, chosen.family))
         hs_timeout, recv_timeout = ring_timeouts(cfg)
-        addrs = [(p.host, p.port) for p in cfg.peers]
         server_ssl, client_ssl = peer_contexts(cfg.tls) if cfg.tls else (None, None)
-        if cfg.size > 1:
+        if ring_sock is not None:
             listener = RingListener(rank, cfg.size, me=me, secret=cfg.secret, handshake_timeout=hs_timeout,
                                     recv_timeout=recv_timeout, ssl=server_ssl)
-            await listener.start(*(listen or addrs[rank]))
+            await listener.start(sock=ring_sock)
+            ring_sock = None  # the listener's now
 
         async def form(first: bool):
             return await open_tcp_ring(rank, addrs, me=me, secret=cfg.secret, timeout=600.0 if first else None,
@@ -167,6 +174,8 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
             waiter.cancel()
         if listener is not None:
             listener.close()
+        if ring_sock is not None:
+            ring_sock.close()
         for r in (runner, starting):
             if r is not None:
                 await r.cleanup()

@@ -21,7 +21,7 @@ from ringllm.ring.links import DEFAULT_RECV_TIMEOUT, Link, RingLinks
 from ringllm.ring.tcp import StreamLink, TcpLink
 from ringllm.ring.wire import DEFAULT_MAX_FRAME
 
-__all__ = ["FormationProgress", "RingListener", "open_tcp_ring"]
+__all__ = ["FormationProgress", "RingListener", "bind_ring_port", "open_tcp_ring"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,24 @@ log = logging.getLogger(__name__)
 # buffer much more than one handshake frame.
 _STREAM_LIMIT = HANDSHAKE_MAX_FRAME
 _MAX_PENDING_HANDSHAKES = 16
+
+
+def bind_ring_port(rank: int, host: str | None, port: int | None) -> socket.socket:
+    """rank's ring socket, bound but not yet listening (give it to :meth:`RingListener.start`
+    as ``sock``): the port is ours, while a neighbour connecting meanwhile is refused (and
+    retries) rather than left waiting in a handshake nobody answers.
+
+    Raises ConfigError when the address is taken (e.g. by another peer of the same rank)."""
+    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or "", port or 0))
+        return sock
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"rank {rank}: cannot listen on {host}:{port}: {exc.strerror or exc} "
+                          f"(is another peer already running as rank {rank}?)") from None
 
 
 class FormationProgress:
@@ -101,14 +119,14 @@ class RingListener:
         Raises ConfigError when the address is taken (e.g. by another peer of the same rank).
         """
         if sock is None:
-            try:
-                family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
-                sock = socket.create_server((host or "", port or 0), family=family, backlog=64)
-            except OSError as exc:
-                raise ConfigError(f"rank {self.rank}: cannot listen on {host}:{port}: {exc.strerror or exc} "
-                                  f"(is another peer already running as rank {self.rank}?)") from None
-        else:
+            sock = bind_ring_port(self.rank, host, port)
+        try:
             sock.listen(64)
+        except OSError as exc:  # bound while another socket started listening on the port
+            where = sock.getsockname()
+            sock.close()
+            raise ConfigError(f"rank {self.rank}: cannot listen on {where[0]}:{where[1]}: {exc.strerror or exc} "
+                              f"(is another peer already running as rank {self.rank}?)") from None
         sock.setblocking(False)
         self._sock = sock
         self._accepting = asyncio.ensure_future(self._accept_loop())

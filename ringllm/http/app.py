@@ -47,7 +47,7 @@ PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # no API key needed: monitori
 # A prompt can fill at most the context (SmolLM2: 8192 tokens, tens of kB of text): 4 MiB
 # admits any real request and bounds what a flood makes a peer buffer and parse.
 MAX_BODY = 4 * 2**20
-PROGRESS_KEY: web.AppKey[FormationProgress | None] = web.AppKey("formation", object)
+PROGRESS_KEY: web.AppKey[FormationProgress | None] = web.AppKey("formation", FormationProgress)
 
 
 def health(peer: Peer, progress: FormationProgress | None = None) -> dict[str, Any]:

@@ -298,7 +298,7 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
     progress = progress or FormationProgress()
     now = time.time()
     progress._listener = listener
-    progress._next = (succ, f"{addrs[succ][0]}:{addrs[succ][1]}", now)
+    waiting_next = (succ, f"{addrs[succ][0]}:{addrs[succ][1]}", now)
     progress._prev = (pred, f"{addrs[pred][0]}:{addrs[pred][1]}", now)
     try:
         async with asyncio.timeout(timeout):
@@ -307,6 +307,7 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             # and push a neighbour that has just re-formed into another round.
             while True:
                 if next_link is None or next_link.closed:
+                    progress._next = waiting_next
                     next_link = await _connect(addrs[succ], succ, me=me, secret=secret, ssl=ssl_client,
                                                handshake_timeout=handshake_timeout, link_kw=link_kw,
                                                refusals_are_final=refusals_are_final, rank=rank)

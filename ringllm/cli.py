@@ -25,6 +25,8 @@ def _progress(msg: str) -> None:
 
 
 def add_generation_flags(p: argparse.ArgumentParser, *, prompt_optional: bool = False) -> None:
+    """The generation flags of ``local`` and ``prompt``. ``prompt_optional``: ``prompt``'s form,
+    which talks to a running ring, so the model and threads are not its to choose (refused)."""
     g = p.add_argument_group("generation")
     if prompt_optional:
         g.add_argument("prompt", nargs="?", default=None,
@@ -32,7 +34,13 @@ def add_generation_flags(p: argparse.ArgumentParser, *, prompt_optional: bool = 
                             "(with --chat: the first message, then one message per stdin line)")
     else:
         g.add_argument("prompt", help="the prompt (a user message unless --raw)")
-    g.add_argument("--model", default=None, help="known model name or GGUF path (default: smollm2-135m)")
+    if prompt_optional:  # accepted only to be refused with the reason (see cmd_prompt)
+        g.add_argument("--model", default=None, help=argparse.SUPPRESS)
+        g.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    else:
+        g.add_argument("--model", default=None, help="known model name or GGUF path (default: smollm2-135m)")
+        g.add_argument("--threads", type=int, default=None,
+                       help="compute threads per peer (default: this machine's cores shared out among the peers)")
     g.add_argument("--raw", action="store_true", help="use the prompt as-is: no chat template, special tokens parsed")
     g.add_argument("--system", default=None, help="system message (chat mode)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
@@ -41,12 +49,12 @@ def add_generation_flags(p: argparse.ArgumentParser, *, prompt_optional: bool = 
     g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default 0.05)")
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default 1.0)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--max-tokens", type=int, default=256,
+                   help="most tokens to generate (default 256); fewer when the context fills first, which is said")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="end-of-generation tokens do not stop")
     g.add_argument("--top-logprobs", type=int, default=0, metavar="K", help="report the K most likely tokens per step")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("--threads", type=int, default=None, help="compute threads per peer (default: cores / peers)")
 
 
 def build_request(args: argparse.Namespace, ids: list[int]):
@@ -101,7 +109,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     from ringllm.generation import LocalEngine, collect
     from ringllm import runtime
 
-    runtime.set_threads(args.threads or os.cpu_count() or 1, args.kernels, say=_progress)
+    from ringllm.launch import default_threads
+
+    runtime.set_threads(args.threads or default_threads(1), args.kernels, say=_progress)
     info, mf = runtime.open_model(args.model, progress=_progress)
     ids = runtime.prompt_ids(info, args.prompt, raw=args.raw, system=args.system)
     request = build_request(args, ids)
@@ -130,9 +140,23 @@ def print_completion(args: argparse.Namespace, done: Completion) -> int:
         print(json.dumps(done.to_json(), ensure_ascii=False))
     else:
         print()
+    if done.finish_reason == "length" and len(done.ids) < args.max_tokens:
+        # Only the context's end stops a generation at "length" short of max_tokens.
+        _progress(f"the context is full: generated {len(done.ids)} of the {args.max_tokens} tokens asked "
+                  f"(--max-tokens) after a {len(done.prompt_ids)}-token prompt")
     print(f"ringllm: {len(done.ids)} tokens, first after {done.time_to_first_token * 1000:.0f} ms, "
           f"{done.tokens_per_second:.1f} tokens/s, finish: {done.finish_reason}", file=sys.stderr)
     return 0
+
+
+DEFAULT_SERVE_PORT = 8080  # llama-server's default, so tools pointed at it find rank 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ringllm.launch import run_serve
+
+    return run_serve(args.peers, args.model, port=args.port, threads=args.threads, kernels=args.kernels,
+                     say=_progress)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -174,6 +198,11 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     """Stream one reply (or, with --chat, one per stdin line, keeping the history)."""
     import asyncio
 
+    for flag, value, why in (("--model", args.model, "the ring serves the model its ring.toml names"),
+                             ("--threads", args.threads, "each peer's threads are set when it starts "
+                                                         "(ringllm peer/serve --threads)")):
+        if value is not None:
+            raise RingError(f"prompt does not take {flag}: it asks a running ring, and {why}")
     if args.chat:
         return cmd_chat(args)
     address = _prompt_address(args)
@@ -239,13 +268,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_row(rank: int | None, address: str, h: dict, loopback_only: bool) -> dict:
-    """One peer's row: state "up", "failed" (answers, but its ring broke) or "down" (no answer)."""
+    """One peer's row: state "up", "loading" or "joining" (answers, its ring not formed yet:
+    last_error says whom it waits for), "failed" (answers, but its ring broke) or "down" (no
+    answer)."""
     if "error" in h and "status" not in h:
         err = h["error"]
         host = address.rpartition(":")[0]
         if loopback_only and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
             err += " (the ring's [http] host is loopback-only, so this peer answers only on its own machine)"
         return {"rank": rank, "address": address, "state": "down", "last_error": err}
+    if h.get("status") in ("loading", "joining"):
+        return {"rank": h.get("rank", rank), "address": address, "state": h["status"], "size": h.get("size"),
+                "waiting_for": h.get("waiting_for") or [], "last_error": h.get("message")}
     shard, mem = h.get("shard") or {}, h.get("memory") or {}
     return {"rank": h.get("rank", rank), "address": address, "state": "up" if h.get("status") == "ok" else "failed",
             "size": h.get("size"), "share": shard.get("share"), "kv_heads": shard.get("kv_heads"),
@@ -277,7 +311,14 @@ def _status_table(rows: list[dict]) -> str:
 def cmd_ring_init(args: argparse.Namespace) -> int:
     from ringllm.ring.config import init_ring_toml
 
-    text = init_ring_toml(args.peers, name=args.name, model=args.model, wire=args.wire, host=args.host)
+    hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts is not None else None
+    if hosts is not None and args.peers is not None and args.peers != len(hosts):
+        raise RingError(f"--peers {args.peers} but --hosts names {len(hosts)} hosts: give one of them, or agree")
+    peers = len(hosts) if hosts is not None else args.peers
+    if peers is None:
+        raise RingError("ring init needs --peers N or --hosts a,b,c")
+    text = init_ring_toml(peers, name=args.name, model=args.model, wire=args.wire, host=args.host, hosts=hosts,
+                          base_port=args.base_port, http_base_port=args.http_base_port)
     if args.out == "-":
         sys.stdout.write(text)
     else:
@@ -285,7 +326,8 @@ def cmd_ring_init(args: argparse.Namespace) -> int:
             raise RingError(f"{args.out} exists; pass --force to overwrite it")
         with open(args.out, "w") as f:
             f.write(text)
-        print(f"ringllm: wrote {args.out} ({args.peers} peers on {args.host})", file=sys.stderr)
+        print(f"ringllm: wrote {args.out} ({peers} peers on {', '.join(dict.fromkeys(hosts or [args.host]))})",
+              file=sys.stderr)
     return 0
 
 
@@ -302,37 +344,56 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from ringllm import __version__
+    from ringllm.fetch import DEFAULT_MODEL, KNOWN_MODELS
+
+    names = ", ".join(KNOWN_MODELS)
     p = argparse.ArgumentParser(prog="ringllm", description="Run one LLM across several peers over a TCP ring.")
+    p.add_argument("--version", action="version", version=f"ringllm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pp = sub.add_parser("pull", help="fetch a known model into the cache")
-    pp.add_argument("name", nargs="?", default=None, help="a known model name (without one: list them)")
+    pp = sub.add_parser("pull", help="fetch a known model into the cache", epilog=f"known models: {names}")
+    pp.add_argument("name", nargs="?", default=None, help=f"one of: {names} (without one: list them)")
     pp.set_defaults(func=cmd_pull)
-    pm = sub.add_parser("models", help="list the known models (size, cached or not) and the cached files")
+    pm = sub.add_parser("models", help="list the known models (size, cached or not) and the cached files",
+                        epilog=f"known models: {names}")
     pm.set_defaults(func=cmd_models)
 
     pl = sub.add_parser("local", help="start an N-peer ring on 127.0.0.1 and stream one reply")
-    pl.add_argument("--peers", type=int, default=1)
+    pl.add_argument("--peers", type=int, default=1, help="how many peer processes (default 1: in this process)")
     pl.add_argument("--kernels", choices=KERNEL_FAMILIES, default="auto",
                     help="compiled (numba) or numpy kernels; auto: numba where it imports (default)")
     add_generation_flags(pl)
     pl.set_defaults(func=cmd_local)
 
+    sv = sub.add_parser("serve", help="start an N-peer ring on 127.0.0.1 and keep it serving until Ctrl-C",
+                        epilog=f"known models: {names}")
+    sv.add_argument("--peers", type=int, default=3, help="how many peer processes (default 3)")
+    sv.add_argument("--model", default=None, help=f"known model name or GGUF path (default: {DEFAULT_MODEL})")
+    sv.add_argument("--port", type=int, default=DEFAULT_SERVE_PORT,
+                    help=f"HTTP port of rank 0; rank r serves on port + r (default {DEFAULT_SERVE_PORT})")
+    sv.add_argument("--threads", type=int, default=None,
+                    help="compute threads per peer (default: this machine's cores shared out among the peers)")
+    sv.add_argument("--kernels", choices=KERNEL_FAMILIES, default="auto",
+                    help="compiled (numba) or numpy kernels; auto: numba where it imports (default)")
+    sv.set_defaults(func=cmd_serve)
+
     pe = sub.add_parser("peer", help="run one peer of the ring described by ring.toml")
     pe.add_argument("--ring", required=True, help="path to ring.toml")
     pe.add_argument("--rank", type=int, required=True, help="this peer's position in ring.toml")
     pe.add_argument("--threads", type=int, default=None,
-                    help="compute threads (default: the cores shared out among ring.toml's peers on this host)")
+                    help="compute threads (default: this machine's cores shared out among ring.toml's peers on "
+                         "this host)")
     pe.add_argument("--kernels", choices=KERNEL_FAMILIES, default=None,
                     help="compiled (numba) or numpy kernels (default: ring.toml's kernels, itself auto)")
-    pe.add_argument("-v", "--verbose", action="store_true")
+    pe.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (every connection attempt)")
     pe.set_defaults(func=cmd_peer)
 
     pr = sub.add_parser("prompt", help="stream a completion from any peer of a running ring")
     where = pr.add_mutually_exclusive_group(required=True)
     where.add_argument("--peer", help="the peer's HTTP address host:port")
     where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
-    pr.add_argument("--rank", type=int, default=0)
+    pr.add_argument("--rank", type=int, default=0, help="with --ring: which peer to ask (default 0)")
     pr.add_argument("--cacert", default=None, help="CA file to trust for an HTTPS peer (a ring.toml with [tls] "
                                                     "brings its own)")
     pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
@@ -348,7 +409,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_generation_flags(pc, prompt_optional=True)
     pc.set_defaults(func=cmd_prompt, chat=True)  # cmd_prompt's checks, then cmd_chat
 
-    st = sub.add_parser("status", help="show every peer of a ring: up/down, rank, shard, memory, queue, last error")
+    st = sub.add_parser("status", help="show every peer of a ring: up/joining/down, rank, shard, memory, queue, "
+                                       "last error")
     st_where = st.add_mutually_exclusive_group(required=True)
     st_where.add_argument("--ring", help="ring.toml: ask every peer it lists")
     st_where.add_argument("--peer", action="append", help="a peer's HTTP address host:port (repeatable)")
@@ -360,14 +422,23 @@ def make_parser() -> argparse.ArgumentParser:
 
     ri = sub.add_parser("ring", help="ring.toml tools")
     rsub = ri.add_subparsers(dest="ring_command", required=True)
-    init = rsub.add_parser("init", help="write a ready loopback ring.toml (free ports, fresh secret)")
-    init.add_argument("--peers", type=int, required=True)
+    init = rsub.add_parser("init", help="write a ready ring.toml (ports, a fresh secret)")
+    init.add_argument("--peers", type=int, default=None, help="how many peers (default: one per --hosts entry)")
+    init.add_argument("--hosts", default=None,
+                      help="comma-separated hosts in ring order, one peer each (default: --host for every peer)")
+    init.add_argument("--host", default="127.0.0.1", help="the host of every peer when --hosts is not given "
+                                                          "(default 127.0.0.1)")
+    init.add_argument("--base-port", type=int, default=None,
+                      help="ring ports from here on each host, HTTP ports right after them (default: free ports "
+                           "on this machine; 7700 with --hosts)")
+    init.add_argument("--http-base-port", type=int, default=None,
+                      help="HTTP ports from here on each host instead (needs --base-port or --hosts)")
     init.add_argument("--out", default="ring.toml", help="file to write, or - for stdout")
-    init.add_argument("--name", default="local")
-    init.add_argument("--model", default="smollm2-135m")
-    init.add_argument("--wire", default="f32", choices=["f32", "q8_0"])
-    init.add_argument("--host", default="127.0.0.1")
-    init.add_argument("--force", action="store_true")
+    init.add_argument("--name", default="local", help="the ring's name, checked at the handshake (default local)")
+    init.add_argument("--model", default="smollm2-135m", help=f"known model name or GGUF path (known: {names})")
+    init.add_argument("--wire", default="f32", choices=["f32", "q8_0"],
+                      help="activations on the wire: f32 (exact, default) or q8_0 (fewer bytes, for slow links)")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     init.set_defaults(func=cmd_ring_init)
     return p
 

@@ -18,6 +18,7 @@ For OpenAI-style clients, point them at :attr:`Client.openai_base_url`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl as ssl_module
 import time
@@ -149,21 +150,30 @@ class Client:
                 yield ev["text"]
 
     async def health(self) -> dict[str, Any]:
-        """The peer's /health document (state, rank, shard, memory, queue)."""
-        return await self._get_json("/health")
+        """The peer's /health document (state, rank, shard, memory, queue); also when it
+        answers 503 with one (a peer still loading or joining its ring)."""
+        return await self._get_json("/health", also=(503,))
 
     async def models(self) -> list[dict[str, Any]]:
         """The models the peer serves (``GET /v1/models``): one, the ring's."""
         return (await self._get_json("/v1/models"))["data"]
 
-    async def _get_json(self, path: str) -> Any:
+    async def _get_json(self, path: str, also: tuple[int, ...] = ()) -> Any:
+        """GET path's JSON; a status other than 200 (or one of ``also`` with a ``status``
+        document) raises the error it carries."""
         if self._session is None:
             raise RingError("the client is not open: use 'async with ringllm.connect(...) as client'")
         try:
             async with self._session.get(f"{self.base}{path}") as resp:
+                text = await resp.text()
                 if resp.status != 200:
-                    raise _http_error(resp.status, await resp.text())
-                return await resp.json()
+                    if resp.status in also:
+                        with contextlib.suppress(ValueError):
+                            doc = json.loads(text)
+                            if isinstance(doc, dict) and "status" in doc:
+                                return doc
+                    raise _http_error(resp.status, text)
+                return json.loads(text)
         except aiohttp.ClientConnectionError as exc:
             raise PeerLostError(self.base, _unreachable(exc)) from None
 

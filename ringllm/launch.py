@@ -1,4 +1,5 @@
-"""Processes: ``ringllm peer`` (one peer from ring.toml) and ``ringllm local --peers N``.
+"""Processes: ``ringllm peer`` (one peer from ring.toml), ``ringllm local --peers N`` (one
+reply) and ``ringllm serve --peers N`` (a local ring until Ctrl-C).
 
 A peer process logs one line per state change (loading, joining, ring up, ring lost, ...).
 """
@@ -33,7 +34,9 @@ log = logging.getLogger("ringllm.peer")
 
 
 def default_threads(peers_on_this_machine: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, peers_on_this_machine))
+    """The cores this process may run on (its CPU affinity: a container's share, not the
+    host's count), shared out among the peers on this machine; at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, peers_on_this_machine))
 
 
 def may_spin(cfg: RingConfig, rank: int) -> bool:
@@ -73,7 +76,12 @@ def ring_timeouts(cfg: RingConfig) -> tuple[float, float]:
 
 async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: str | None = None,
                      listen: tuple[str, int] | None = None) -> None:
-    """Load rank's shard, join the ring, serve HTTP, and drive steps until cancelled.
+    """Bind rank's HTTP port, load its shard, join the ring, and drive steps until cancelled.
+
+    HTTP answers from the start (:mod:`ringllm.http.joining`: ``/health`` is 503 ``loading``,
+    then ``joining`` with whom it waits for, logged every WAIT_LOG_SECONDS); a busy ring or
+    HTTP port raises ConfigError before anything else happens. Once the ring is up the peer's own app
+    serves on the same socket.
 
     A broken ring does not end it: in-flight requests fail with PeerLostError naming the lost
     peer, the model stays loaded, HTTP keeps answering (``/health`` says ``down``, requests get
@@ -85,48 +93,53 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     ``kernels`` overrides ring.toml's kernel family.
     """
 
-    from ringllm import runtime
-    from ringllm.peer import Peer
-    from ringllm.ring.handshake import HandshakeInfo
-    from ringllm.ring.formation import RingListener, open_tcp_ring
-    from ringllm.ring.tls import http_server_context, peer_contexts
     from ringllm.http.app import make_app
     from ringllm.http.serve import HttpLimits, serve_http
+    from ringllm.http.joining import StartupState, bind_http, make_joining_app
+    from ringllm.peer import Peer
+    from ringllm.ring.formation import FormationProgress, RingListener, bind_ring_port, open_tcp_ring
+    from ringllm.ring.handshake import HandshakeInfo
+    from ringllm.ring.tls import http_server_context, peer_contexts
 
     me_cfg = cfg.peer(rank)
-    chosen = runtime.set_threads(threads, kernels or cfg.kernels,
-                                 say=lambda m: log.warning("rank %d: %s", rank, m))
-    log.info("rank %d: %s kernels on %d thread(s)", rank, chosen.family, threads)
-    t0 = time.perf_counter()
-    path = resolve_model(cfg.model_for(rank), progress=lambda m: log.info("rank %d: %s", rank, m))
-    if cfg.model_sha256 and (digest := await asyncio.to_thread(file_sha256, path)) != cfg.model_sha256:
-        raise ModelError(f"rank {rank}: model file {path} has sha256 {digest}, but {cfg.source} says {cfg.model_sha256}")
-    server_ssl, client_ssl = peer_contexts(cfg.tls) if cfg.tls else (None, None)
-    http_ssl = http_server_context(cfg.tls) if cfg.tls else None
-    info, mf = await asyncio.to_thread(runtime.open_model, str(path))
-    plan = runtime.make_plan(info, cfg.weights)
-    model = await asyncio.to_thread(runtime.load_model, mf, plan, rank, max_len=cfg.context_length)
-    mf.close()
-    sh = plan[rank]
-    log.info("rank %d: loaded shard in %.1f s: heads %s (kv %s), ffn %s, vocab %s, %.1f MB of weights",
-             rank, time.perf_counter() - t0, sh.heads, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)
-    me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest(),
-                       config=ring_config_claim(cfg, chosen.family))
-    hs_timeout, recv_timeout = ring_timeouts(cfg)
     addrs = [(p.host, p.port) for p in cfg.peers]
-    listener = None
-    if cfg.size > 1:
-        listener = RingListener(rank, cfg.size, me=me, secret=cfg.secret, handshake_timeout=hs_timeout,
-                                recv_timeout=recv_timeout, ssl=server_ssl)
-        await listener.start(*(listen or addrs[rank]))
-
-    async def form(first: bool):
-        return await open_tcp_ring(rank, addrs, me=me, secret=cfg.secret, timeout=600.0 if first else None,
-                                   handshake_timeout=hs_timeout, recv_timeout=recv_timeout, listener=listener,
-                                   ssl_client=client_ssl, refusals_are_final=first)
-
-    http = None
+    # Both ports first: a busy one stops this peer before it loads or joins anything.
+    ring_sock = bind_ring_port(rank, *(listen or addrs[rank])) if cfg.size > 1 else None
     try:
+        http_sock = bind_http(cfg.http_host, me_cfg.http_port, rank)
+    except BaseException:
+        if ring_sock is not None:
+            ring_sock.close()
+        raise
+    progress = FormationProgress()
+    state = StartupState(rank, cfg.size, progress)
+    http_ssl = http_server_context(cfg.tls) if cfg.tls else None
+    limits = HttpLimits(cfg.http_header_timeout, cfg.http_body_timeout, cfg.http_max_connections)
+    starting = http = listener = waiter = None
+    try:
+        # Served on a duplicate of the socket: stopping this app closes only the duplicate, so
+        # the port stays bound while the peer's own app takes over.
+        starting = await serve_http(make_joining_app(state), sock=http_sock.dup(), ssl=http_ssl, limits=limits)
+        log.info("rank %d: HTTP%s on %s:%d answers /health while starting", rank, "S" if http_ssl else "",
+                 cfg.http_host, me_cfg.http_port)
+        waiter = asyncio.create_task(_log_waiting(rank, progress))
+        model, info, plan, chosen = await _load(cfg, rank, threads, kernels)
+        me = HandshakeInfo(ring=cfg.name, rank=rank, size=cfg.size, model=info.fingerprint, plan=plan.digest(),
+                           config=ring_config_claim(cfg, chosen.family))
+        hs_timeout, recv_timeout = ring_timeouts(cfg)
+        server_ssl, client_ssl = peer_contexts(cfg.tls) if cfg.tls else (None, None)
+        if ring_sock is not None:
+            listener = RingListener(rank, cfg.size, me=me, secret=cfg.secret, handshake_timeout=hs_timeout,
+                                    recv_timeout=recv_timeout, ssl=server_ssl)
+            await listener.start(sock=ring_sock)
+            ring_sock = None  # the listener's now
+
+        async def form(first: bool):
+            return await open_tcp_ring(rank, addrs, me=me, secret=cfg.secret, timeout=600.0 if first else None,
+                                       handshake_timeout=hs_timeout, recv_timeout=recv_timeout, listener=listener,
+                                       ssl_client=client_ssl, refusals_are_final=first, progress=progress)
+
+        state.joining()
         log.info("rank %d: joining ring %r (%d peers) at %s%s", rank, cfg.name, cfg.size, me_cfg.address,
                  " over TLS" if cfg.tls else "")
         links = await form(True)
@@ -136,9 +149,11 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
                     spin=spin)
         log.info("rank %d: %s for decode all-reduces", rank, "busy-waits" if spin else "sleeps")
         http_peers = [f"{p.host}:{p.http_port}" for p in cfg.peers]  # the chat page's ring view
-        app = make_app(peer, api_key=cfg.api_key, body_timeout=cfg.http_body_timeout, ring_addresses=http_peers)
-        limits = HttpLimits(cfg.http_header_timeout, cfg.http_body_timeout, cfg.http_max_connections)
-        http = await serve_http(app, cfg.http_host, me_cfg.http_port, ssl=http_ssl, limits=limits)
+        app = make_app(peer, api_key=cfg.api_key, body_timeout=cfg.http_body_timeout, ring_addresses=http_peers,
+                       progress=progress)
+        http = await serve_http(app, sock=http_sock, ssl=http_ssl, limits=limits)
+        await starting.close()
+        starting = None
         log.info("rank %d: serving HTTP%s on %s:%d", rank, "S" if http_ssl else "", cfg.http_host, me_cfg.http_port)
         try:
             while True:
@@ -157,10 +172,55 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
             peer.links.close("peer shutting down")
             log.info("rank %d: stats %s", rank, json.dumps(peer.stats.as_dict()))
     finally:
+        if waiter is not None:
+            waiter.cancel()
         if listener is not None:
             listener.close()
-        if http is not None:
-            await http.close()
+        if ring_sock is not None:
+            ring_sock.close()
+        for server in (http, starting):
+            if server is not None:
+                await server.close()
+        http_sock.close()
+
+
+async def _load(cfg: RingConfig, rank: int, threads: int, kernels: str | None):
+    """rank's shard of ring.toml's model: (model, info, plan, chosen kernels)."""
+    from ringllm import runtime
+
+    # In threads (compiling the kernels or fetching the model takes minutes): /health answers.
+    chosen = await asyncio.to_thread(runtime.set_threads, threads, kernels or cfg.kernels,
+                                     lambda m: log.warning("rank %d: %s", rank, m))
+    log.info("rank %d: %s kernels on %d thread(s)", rank, chosen.family, threads)
+    t0 = time.perf_counter()
+    path = await asyncio.to_thread(resolve_model, cfg.model_for(rank),
+                                   progress=lambda m: log.info("rank %d: %s", rank, m))
+    if cfg.model_sha256 and (digest := await asyncio.to_thread(file_sha256, path)) != cfg.model_sha256:
+        raise ModelError(f"rank {rank}: model file {path} has sha256 {digest}, but {cfg.source} says {cfg.model_sha256}")
+    info, mf = await asyncio.to_thread(runtime.open_model, str(path))
+    plan = runtime.make_plan(info, cfg.weights)
+    model = await asyncio.to_thread(runtime.load_model, mf, plan, rank, max_len=cfg.context_length)
+    mf.close()
+    sh = plan[rank]
+    log.info("rank %d: loaded shard in %.1f s: heads %s (kv %s), ffn %s, vocab %s, %.1f MB of weights",
+             rank, time.perf_counter() - t0, sh.heads, sh.kv_heads, sh.ffn, sh.vocab, model.w.nbytes / 2**20)
+    return model, info, plan, chosen
+
+
+# How often a peer waiting for its neighbours says whom it waits for (INFO, without -v): the
+# first line comes this long after the wait began, so a ring that forms at once logs none.
+WAIT_LOG_SECONDS = 5.0
+
+
+async def _log_waiting(rank: int, progress) -> None:
+    """Every WAIT_LOG_SECONDS while a formation waits: one line naming whom it waits for."""
+    from ringllm.http.joining import waiting_entries, waiting_text
+
+    while True:
+        await asyncio.sleep(WAIT_LOG_SECONDS)
+        waiting = [w for w in waiting_entries(progress) if w["seconds"] >= WAIT_LOG_SECONDS]
+        if waiting:
+            log.info("rank %d: forming the ring%s", rank, waiting_text(waiting))
 
 
 async def _run_ring(peer, cfg: RingConfig) -> None:
@@ -272,7 +332,8 @@ def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, 
     while pending:
         for r in sorted(pending):
             if procs[r].poll() is not None:
-                tail = (logdir / f"peer{r}.log").read_text(errors="replace").strip().splitlines()[-5:]
+                logfile = logdir / f"peer{r}.log"  # none when the peer logs to our stderr (serve)
+                tail = logfile.read_text(errors="replace").strip().splitlines()[-5:] if logfile.exists() else []
                 raise RingError(f"peer {r} exited with status {procs[r].returncode}: " + " | ".join(tail))
             try:
                 url = f"{scheme}://{hosts[r] if hosts else '127.0.0.1'}:{cfg.peers[r].http_port}/health"
@@ -299,3 +360,82 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
             p.wait()
 
+
+
+# -- ringllm serve --peers N -------------------------------------------------------------------
+def run_serve(n: int, model: str | None, *, port: int, threads: int | None = None, kernels: str = "auto",
+              say: Callable[[str], Any] = print, ready: Callable[[], Any] | None = None) -> int:
+    """Run ``n`` peer processes of ``model`` on 127.0.0.1, HTTP on ``port``, ``port + 1``, ...,
+    until Ctrl-C or SIGTERM (returns 0), or until a peer exits (RingError naming it). Peers
+    log to our stderr; ``say`` gets our own lines (the URLs, then "ring up"). Every HTTP port is
+    checked first (a busy one is a ConfigError naming it, before any peer starts). The peers
+    die with us even if we are killed (SIGTERM from the kernel: PR_SET_PDEATHSIG)."""
+    from ringllm.http.joining import bind_http
+
+    if n < 1:
+        raise ConfigError(f"--peers must be at least 1, got {n}")
+    if not 1 <= port <= 65536 - n:
+        raise ConfigError(f"--port must leave room for {n} ports in 1..65535, got {port}")
+    for r in range(n):
+        bind_http("127.0.0.1", port + r, r).close()
+    model = str(resolve_model(model, progress=say))
+    threads = threads or default_threads(n)
+    stop = _SignalStop()
+    with tempfile.TemporaryDirectory(prefix="ringllm-serve-") as tmp, stop:
+        ring_path = Path(tmp) / "ring.toml"
+        ring_path.write_text(f'kernels = "{kernels}"\n' + init_ring_toml(n, name="serve", model=model,
+                                                                       http_ports=[port + r for r in range(n)]))
+        cfg = load_ring(ring_path)
+        procs: list[subprocess.Popen] = []
+        try:
+            for r in range(n):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "ringllm", "peer", "--ring", str(ring_path), "--rank", str(r),
+                     "--threads", str(threads)], stdin=subprocess.DEVNULL, start_new_session=True,
+                    preexec_fn=_die_with_parent))
+            for p in cfg.peers:
+                say(f"rank {p.rank}: http://127.0.0.1:{p.http_port}/  (chat page; OpenAI API at "
+                    f"http://127.0.0.1:{p.http_port}/v1)")
+            _wait_healthy(cfg, procs, Path(tmp), timeout=900.0)
+            say(f"ring up: {n} peer(s) of {Path(model).name}, {threads} thread(s) each; Ctrl-C stops them")
+            if ready is not None:
+                ready()
+            while (dead := [r for r, p in enumerate(procs) if p.poll() is not None]) == []:
+                time.sleep(0.2)
+            raise RingError(f"peer {dead[0]} exited with status {procs[dead[0]].returncode}; stopped the others")
+        except KeyboardInterrupt:
+            say("stopping the ring")
+            return 0
+        finally:
+            stop.ignore()  # a second Ctrl-C must not leave peers behind
+            _stop(procs)
+
+
+class _SignalStop:
+    """Within: SIGTERM raises KeyboardInterrupt, as Ctrl-C does; ``ignore()`` then ignores
+    both until the block ends. The previous handlers come back afterwards."""
+
+    def __enter__(self) -> "_SignalStop":
+        self._saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, self._interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def ignore(self) -> None:
+        for sig in self._saved:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: the kernel sends it SIGTERM when its parent dies (Linux)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

@@ -444,8 +444,11 @@ def test_a_duplicate_rank_is_refused(tmp_path, tiny_model_path):
             dup.stop()
         assert re.search(r"cannot listen on 127\.0\.0\.1:\d+: .*is another peer already running as rank 1\?",
                          dup.log(1)), dup.log(1)[-2000:]
-        # Listening elsewhere, it reaches rank 0, which still has a live rank 1: refused.
-        dup = Ring(tmp_path, ring.path.read_text(), tag="dup-other")
+        # Listening elsewhere (and serving HTTP elsewhere, as on another host), it reaches rank 0,
+        # which still has a live rank 1: refused.
+        http1 = ring.cfg.peers[1].http_port
+        dup = Ring(tmp_path, ring.path.read_text().replace(f"http_port = {http1}\n", f"http_port = {free_ports(1)[0]}\n"),
+                   tag="dup-other")
         dup.start(1, listen=free_ports(1)[0])
         try:
             ring.wait_log(0, r"dropped connection from .*already has a live link from rank 1 .*duplicate rank 1")

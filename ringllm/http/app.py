@@ -6,7 +6,9 @@ Routes (docs/api.md is the full reference):
 - ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``: the
   OpenAI-compatible API (:mod:`ringllm.http.openai_api`), streaming as server-sent events.
 - ``POST /ringllm/v1/generate``: the native NDJSON endpoint (:mod:`ringllm.http.native`).
-- ``GET /health``: the peer's state, shard and memory (what ``ringllm status`` shows).
+- ``GET /health``: the peer's state, shard and memory (what ``ringllm status`` shows); while
+  the ring re-forms, also whom it waits for. (Before the ring first forms the peer serves
+  :mod:`ringllm.http.joining`'s app instead: ``/health`` answers 503 ``joining``.)
 - ``GET /metrics``: Prometheus text exposition (:mod:`ringllm.metrics`).
 - ``GET /``, ``GET /static/*``, ``GET /ringllm/v1/ring``: the chat page and the ring view it
   shows (:mod:`ringllm.http.page`).
@@ -34,11 +36,13 @@ from aiohttp import web
 
 from ringllm.errors import RingError
 from ringllm.http import native, openai_api, page
+from ringllm.http.joining import waiting_entries
 from ringllm.http.plumbing import (METRICS_KEY, OPTIONS_KEY, PEER_KEY, ClientGone, ServerOptions, error_response,
                                    model_id, response_for)
 from ringllm.metrics import Metrics, kv_cache_bytes, render, rss_bytes
 from ringllm.peer import Peer
 from ringllm.ring.config import HTTP_BODY_TIMEOUT
+from ringllm.ring.formation import FormationProgress
 
 log = logging.getLogger("ringllm.http")
 
@@ -46,17 +50,21 @@ PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # no API key needed: monitori
 # A prompt can fill at most the context (SmolLM2: 8192 tokens, tens of kB of text): 4 MiB
 # admits any real request and bounds what a flood makes a peer buffer and parse.
 MAX_BODY = 4 * 2**20
+PROGRESS_KEY: web.AppKey[FormationProgress | None] = web.AppKey("formation", FormationProgress)
 
 
-def health(peer: Peer) -> dict[str, Any]:
-    """The /health document: state, shard, memory and counters of this peer."""
+def health(peer: Peer, progress: FormationProgress | None = None) -> dict[str, Any]:
+    """The /health document: state, shard, memory and counters of this peer; with
+    ``progress`` (the re-forming ring's), ``waiting_for`` as in :mod:`ringllm.http.joining`."""
     cfg, sh = peer.info.config, peer.model.shard
+    waiting = [] if progress is None else waiting_entries(progress)
     return {
         "status": "ok" if peer.failure is None else "down",
         "rank": peer.rank, "size": peer.size, "model": cfg.name, "model_id": model_id(peer),
         "running": peer.running, "queue": peer.queue_depth,
         "max_batch": peer.max_batch, "max_queue": peer.max_queue,
         "last_error": peer.stats.last_error,
+        "waiting_for": waiting,
         "shard": {
             "kv_heads": list(sh.kv_heads), "heads": list(sh.heads), "ffn": list(sh.ffn), "vocab": list(sh.vocab),
             # The FFN rows are split by capacity weight and dominate the compute: call that the share.
@@ -72,7 +80,7 @@ def health(peer: Peer) -> dict[str, Any]:
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    return web.json_response(health(request.app[PEER_KEY]))
+    return web.json_response(health(request.app[PEER_KEY], request.app[PROGRESS_KEY]))
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -129,19 +137,21 @@ def _auth(api_key: str) -> Any:
 
 def make_app(peer: Peer, *, api_key: str | None = None, write_timeout: float = 30.0,
              poll_interval: float = 0.25, body_timeout: float = HTTP_BODY_TIMEOUT,
-             ring_addresses: Sequence[str] = ()) -> web.Application:
+             ring_addresses: Sequence[str] = (), progress: FormationProgress | None = None) -> web.Application:
     """The aiohttp app serving ``peer``. ``api_key`` (e.g. ``RingConfig.api_key``) turns on
     bearer authentication; ``write_timeout`` is how long a client may stall a streaming write
     before its request is cancelled; ``poll_interval`` how often a waiting handler checks
     that its client is still connected; ``body_timeout`` how long a request's body may take
     to arrive (408); ``ring_addresses`` the HTTP host:port of every peer, in rank order, for
-    the chat page's ring view. Serve it with :func:`ringllm.http.serve.serve_http`, which
+    the chat page's ring view; ``progress``: the formation progress of the peer's ring, for
+    /health while it re-forms. Serve it with :func:`ringllm.http.serve.serve_http`, which
     adds the header deadline and the connection cap."""
     middlewares = [_errors] + ([_auth(api_key)] if api_key else [])
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[PEER_KEY] = peer
     app[METRICS_KEY] = Metrics()
     app[OPTIONS_KEY] = ServerOptions(api_key, write_timeout, poll_interval, body_timeout)
+    app[PROGRESS_KEY] = progress
     app.router.add_post("/ringllm/v1/generate", native.handle_generate)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl as ssl_module
 import time
 from dataclasses import dataclass
@@ -147,9 +148,13 @@ class HttpServer:
         await self._server.wait_closed()
 
 
-async def serve_http(app: web.Application, host: str, port: int, *, ssl: ssl_module.SSLContext | None = None,
+async def serve_http(app: web.Application, host: str | None = None, port: int | None = None, *,
+                     sock: socket.socket | None = None, ssl: ssl_module.SSLContext | None = None,
                      limits: HttpLimits = HttpLimits()) -> HttpServer:
-    """Serve ``app`` on ``host:port`` (0: any free port, see :attr:`HttpServer.port`) with ``limits``."""
+    """Serve ``app`` on ``host:port`` (0: any free port, see :attr:`HttpServer.port`), or on
+    ``sock``, a socket bound already (listened on here), with ``limits``."""
+    if (sock is None) == (host is None or port is None):
+        raise TypeError("serve_http takes host and port, or sock")
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -162,7 +167,7 @@ async def serve_http(app: web.Application, host: str, port: int, *, ssl: ssl_mod
             return _Handler(manager, gauge, refusal, loop=loop, keepalive_timeout=limits.header_timeout,
                             lingering_time=LINGER, access_log=None)
 
-        server = await loop.create_server(handler, host, port, ssl=ssl, reuse_address=True, backlog=128,
+        server = await loop.create_server(handler, host, port, sock=sock, ssl=ssl, reuse_address=True, backlog=128,
                                           ssl_handshake_timeout=limits.header_timeout if ssl else None)
     except BaseException:
         await runner.cleanup()

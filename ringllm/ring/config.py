@@ -43,7 +43,7 @@ import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ringllm.errors import ConfigError
 
@@ -287,12 +287,39 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+# `ring init --hosts` without --base-port: the port the user guide's LAN example uses.
+DEFAULT_BASE_PORT = 7700
+
+
 def init_ring_toml(peers: int, *, name: str = "local", model: str = "smollm2-135m", wire: str = "f32",
-                   host: str = "127.0.0.1", model_sha256: str | None = None) -> str:
-    """The text of a ready loopback ring.toml: free ports and a fresh random secret."""
+                   host: str = "127.0.0.1", model_sha256: str | None = None, hosts: Sequence[str] | None = None,
+                   base_port: int | None = None, http_base_port: int | None = None,
+                   http_ports: Sequence[int] | None = None) -> str:
+    """The text of a ready ring.toml: one peer per entry of ``hosts`` (default: ``peers`` on
+    ``host``) and a fresh random secret.
+
+    Ports: with ``base_port``, the k-th peer on a host gets ring port ``base_port + k`` and HTTP
+    port ``http_base_port + k``, or, without that, the first port after the host's ring ports
+    (``base_port + n + k`` for n peers on the host). Without ``base_port``: free ports of this
+    machine (``hosts`` given: DEFAULT_BASE_PORT). ``http_ports`` sets every peer's HTTP port
+    (ring ports: free ones). The result is parsed before it is returned, so a clash (e.g. HTTP
+    ports overlapping ring ports) is a ConfigError naming the peer."""
     if peers < 1:
         raise ConfigError(f"--peers must be at least 1, got {peers}")
-    ports = free_ports(2 * peers, host)
+    if hosts is not None:
+        if len(hosts) != peers or not all(hosts):
+            raise ConfigError(f"--hosts must name {peers} non-empty hosts, got {list(hosts)}")
+        base_port = DEFAULT_BASE_PORT if base_port is None else base_port
+    hosts = list(hosts) if hosts is not None else [host] * peers
+    if base_port is None and http_base_port is not None:
+        raise ConfigError("--http-base-port needs --base-port (or --hosts)")
+    if http_ports is not None:
+        ports, https = free_ports(peers, host), list(http_ports)
+    elif base_port is None:
+        free = free_ports(2 * peers, host)
+        ports, https = free[0::2], free[1::2]
+    else:
+        ports, https = _ports_per_host(hosts, base_port, http_base_port)
     lines = [
         f'name = "{name}"',
         f'model = "{model}"',
@@ -302,6 +329,23 @@ def init_ring_toml(peers: int, *, name: str = "local", model: str = "smollm2-135
         "",
     ]
     for r in range(peers):
-        lines += ["[[peer]]", f'host = "{host}"', f"port = {ports[2 * r]}", f"http_port = {ports[2 * r + 1]}",
+        lines += ["[[peer]]", f'host = "{hosts[r]}"', f"port = {ports[r]}", f"http_port = {https[r]}",
                   "weight = 1.0", ""]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    parse_ring(text, source="the generated ring.toml")
+    return text
+
+
+def _ports_per_host(hosts: Sequence[str], base: int, http_base: int | None) -> tuple[list[int], list[int]]:
+    count = {h: hosts.count(h) for h in hosts}
+    seen: dict[str, int] = {}
+    ports, https = [], []
+    for h in hosts:
+        k = seen[h] = seen.get(h, -1) + 1
+        ports.append(base + k)
+        https.append((http_base if http_base is not None else base + count[h]) + k)
+    top = max(ports + https)
+    if base < 1 or (http_base is not None and http_base < 1) or top > 65535:
+        raise ConfigError(f"ports must be in 1..65535: --base-port {base}"
+                          f"{f' --http-base-port {http_base}' if http_base is not None else ''} would use up to {top}")
+    return ports, https

@@ -21,7 +21,7 @@ from ringllm.ring.links import DEFAULT_RECV_TIMEOUT, Link, RingLinks
 from ringllm.ring.tcp import StreamLink, TcpLink
 from ringllm.ring.wire import DEFAULT_MAX_FRAME
 
-__all__ = ["RingListener", "open_tcp_ring"]
+__all__ = ["FormationProgress", "RingListener", "bind_ring_port", "open_tcp_ring"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,42 @@ log = logging.getLogger(__name__)
 # buffer much more than one handshake frame.
 _STREAM_LIMIT = HANDSHAKE_MAX_FRAME
 _MAX_PENDING_HANDSHAKES = 16
+
+
+def bind_ring_port(rank: int, host: str | None, port: int | None) -> socket.socket:
+    """rank's ring socket, bound but not yet listening (give it to :meth:`RingListener.start`
+    as ``sock``): the port is ours, while a neighbour connecting meanwhile is refused (and
+    retries) rather than left waiting in a handshake nobody answers.
+
+    Raises ConfigError when the address is taken (e.g. by another peer of the same rank)."""
+    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or "", port or 0))
+        return sock
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"rank {rank}: cannot listen on {host}:{port}: {exc.strerror or exc} "
+                          f"(is another peer already running as rank {rank}?)") from None
+
+
+class FormationProgress:
+    """Whom a ring formation in progress still waits for: give one to :func:`open_tcp_ring`
+    (``progress=``) and read :meth:`waiting_for` from the same event loop at any time (for
+    ``/health`` and the peer's log). Empty when no formation is running."""
+
+    def __init__(self) -> None:
+        self._next: tuple[int, str, float] | None = None  # (rank, "host:port", since) until connected
+        self._prev: tuple[int, str, float] | None = None
+        self._listener: RingListener | None = None
+
+    def waiting_for(self) -> list[tuple[int, str, float]]:
+        """(rank, "host:port", since: time.time()) of each neighbour not linked yet."""
+        out = [self._next] if self._next is not None else []
+        if self._prev is not None and not (self._listener is not None and self._listener.has_prev):
+            out.append(self._prev)
+        return sorted(set(out))
 
 
 class RingListener:
@@ -71,6 +107,11 @@ class RingListener:
         assert self._sock is not None, "start() the listener first"
         return self._sock.getsockname()[:2]
 
+    @property
+    def has_prev(self) -> bool:
+        """Whether a verified link from the predecessor is waiting for accept_prev or in use."""
+        return any(link is not None and not link.closed for link in (self._slot, self._current))
+
     async def start(self, host: str | None = None, port: int | None = None, *,
                     sock: socket.socket | None = None) -> RingListener:
         """Listen on ``host:port`` (or the already bound ``sock``); returns self.
@@ -78,14 +119,14 @@ class RingListener:
         Raises ConfigError when the address is taken (e.g. by another peer of the same rank).
         """
         if sock is None:
-            try:
-                family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
-                sock = socket.create_server((host or "", port or 0), family=family, backlog=64)
-            except OSError as exc:
-                raise ConfigError(f"rank {self.rank}: cannot listen on {host}:{port}: {exc.strerror or exc} "
-                                  f"(is another peer already running as rank {self.rank}?)") from None
-        else:
+            sock = bind_ring_port(self.rank, host, port)
+        try:
             sock.listen(64)
+        except OSError as exc:  # bound while another socket started listening on the port
+            where = sock.getsockname()
+            sock.close()
+            raise ConfigError(f"rank {self.rank}: cannot listen on {where[0]}:{where[1]}: {exc.strerror or exc} "
+                              f"(is another peer already running as rank {self.rank}?)") from None
         sock.setblocking(False)
         self._sock = sock
         self._accepting = asyncio.ensure_future(self._accept_loop())
@@ -220,7 +261,8 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
                         max_frame: int = DEFAULT_MAX_FRAME, listener: RingListener | None = None,
                         ssl_client: _ssl.SSLContext | None = None,
                         ssl_server: _ssl.SSLContext | None = None,
-                        refusals_are_final: bool = True) -> RingLinks:
+                        refusals_are_final: bool = True,
+                        progress: FormationProgress | None = None) -> RingLinks:
     """Join (or re-join) a TCP ring: connect to the successor, take the predecessor.
 
     ``addrs[r]`` is rank r's listening address.  With ``listener`` (a started
@@ -235,7 +277,8 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
     PeerLostError is raised.  A refusal by the successor that is a configuration mismatch
     raises :class:`HandshakeError` when ``refusals_are_final`` (retrying cannot fix it);
     otherwise it is logged and retried, so a survivor waits until the misconfigured peer is
-    fixed.  Cancellation closes everything opened by this call.
+    fixed.  Cancellation closes everything opened by this call.  ``progress`` says meanwhile
+    whom the call still waits for.
     """
     size = len(addrs)
     if size == 1:
@@ -252,6 +295,11 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             await listener.start(*addrs[rank])
     next_link: Link | None = None
     prev_link: Link | None = None
+    progress = progress or FormationProgress()
+    now = time.time()
+    progress._listener = listener
+    waiting_next = (succ, f"{addrs[succ][0]}:{addrs[succ][1]}", now)
+    progress._prev = (pred, f"{addrs[pred][0]}:{addrs[pred][1]}", now)
     try:
         async with asyncio.timeout(timeout):
             # A link that dies before both are up (e.g. its other end was still leaving an
@@ -259,9 +307,11 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             # and push a neighbour that has just re-formed into another round.
             while True:
                 if next_link is None or next_link.closed:
+                    progress._next = waiting_next
                     next_link = await _connect(addrs[succ], succ, me=me, secret=secret, ssl=ssl_client,
                                                handshake_timeout=handshake_timeout, link_kw=link_kw,
                                                refusals_are_final=refusals_are_final, rank=rank)
+                    progress._next = None
                 if prev_link is None or prev_link.closed:
                     prev_link = await listener.accept_prev()
                 if not next_link.closed and not prev_link.closed:
@@ -279,6 +329,7 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             prev_link.close()
         raise
     finally:
+        progress._next = progress._prev = progress._listener = None
         if own:
             listener.close()
     return RingLinks(rank, size, next_link, prev_link)

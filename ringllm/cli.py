@@ -336,7 +336,7 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--peer", help="the peer's HTTP address host:port")
     where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
-    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--rank", type=int, default=0, help="with --ring: which peer to ask (default 0)")
     p.add_argument("--cacert", default=None, help="CA file to trust for an HTTPS peer (a ring.toml with [tls] "
                                                    "brings its own)")
     p.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),

@@ -40,7 +40,7 @@ def _subparsers(p: argparse.ArgumentParser, path: str = "ringllm"):
 
 
 # prompt asks a running ring: these are accepted only to be refused with the reason.
-REFUSED = {("ringllm prompt", "--model"), ("ringllm prompt", "--threads")}
+REFUSED = {(cmd, flag) for cmd in ("ringllm prompt", "ringllm chat") for flag in ("--model", "--threads")}
 
 
 def test_every_option_of_every_subcommand_has_help():

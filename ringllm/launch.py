@@ -116,7 +116,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
     listener = None
     if cfg.size > 1:
         listener = RingListener(rank, cfg.size, me=me, secret=cfg.secret, handshake_timeout=hs_timeout,
-                                recv_timeout=recv_timeout, ssl=server_ssl)
+                                recv_timeout=recv_timeout, ssl=server_ssl, peer_hosts=[h for h, _ in addrs])
         await listener.start(*(listen or addrs[rank]))
 
     async def form(first: bool):

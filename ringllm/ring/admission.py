@@ -9,9 +9,9 @@ Pure bookkeeping (no sockets), used by :class:`ringllm.ring.formation.RingListen
   restarted neighbour needs; a flood from a configured host itself is bounded by
   ``per_source`` and the reserved pool, but not told apart from the real peer there (use a
   firewall, or ``[tls]``: see docs/security.md).
-* :class:`DropLog` rate-limits the "dropped connection" log lines: a burst of lines one by
-  one, then at most one line every ``every`` seconds, and a summary line per window counting
-  the connections not logged one by one, by reason.  A flood of 200 connections reopened as
+* :class:`DropLog` rate-limits the "dropped connection" log lines: a few lines per reason
+  one by one, then one now and then, and a summary line per window counting the connections
+  not logged one by one, by reason.  A flood of 200 connections reopened as
   they close made one line per connection before (9,750 lines in 31 s).
 """
 
@@ -84,18 +84,22 @@ def reason_kind(reason: str) -> str:
 
 
 class DropLog:
-    """Logs dropped connections: ``burst`` lines at once, then one line per ``every`` seconds;
-    the rest are counted and summed up by reason in one line per ``every`` seconds.
+    """Logs dropped connections one by one while they are few; counts the rest.
 
-    ``emit(line)`` writes a line; ``now`` is the clock (both replaceable for tests).  Call
-    :meth:`tick` now and then (e.g. on every event, and from a timer) to flush a summary that
-    is due.  A summary that is due when no more drops come is written on the next event or tick.
+    Two token buckets: each reason (its :func:`reason_kind`) may log ``per_reason`` lines at
+    once and then one per ``every`` seconds; all reasons together ``burst`` lines at once and
+    then one per ``every / 2.5`` seconds.  Lines that do not fit are summed up by reason in one
+    line per ``every`` seconds.  So at most burst + 60 / (every / 2.5) + 60 / every lines a
+    minute (82 with the defaults; 24 a minute in a steady flood), however many reasons an
+    attacker varies.  ``emit(line)`` writes a line; ``now`` is the clock (both replaceable for
+    tests).  Call :meth:`tick` now and then (e.g. from a timer) to write a summary that is due.
     """
 
-    def __init__(self, emit: Callable[[str], None], *, burst: int = 20, every: float = 5.0,
-                 now: Callable[[], float] = time.monotonic) -> None:
-        self.emit, self.burst, self.every, self.now = emit, burst, every, now
+    def __init__(self, emit: Callable[[str], None], *, burst: int = 40, per_reason: int = 5,
+                 every: float = 5.0, now: Callable[[], float] = time.monotonic) -> None:
+        self.emit, self.burst, self.per_reason, self.every, self.now = emit, burst, per_reason, every, now
         self._tokens = float(burst)
+        self._kinds: dict[str, tuple[float, float]] = {}  # kind: (tokens, at)
         self._last = now()
         self._window_start = self._last
         self._held: Counter[str] = Counter()
@@ -103,16 +107,23 @@ class DropLog:
     def drop(self, line: str, reason: str) -> None:
         """One dropped connection: ``line`` is its whole log line, ``reason`` why."""
         t = self.now()
-        self._tokens = min(self.burst, self._tokens + (t - self._last) / self.every)
+        self._tokens = min(self.burst, self._tokens + (t - self._last) * 2.5 / self.every)
         self._last = t
+        kind = reason_kind(reason)
+        tokens, at = self._kinds.get(kind, (float(self.per_reason), t))
+        tokens = min(self.per_reason, tokens + (t - at) / self.every)
         self.tick()
-        if self._tokens >= 1:
+        if tokens >= 1 and self._tokens >= 1:
             self._tokens -= 1
+            tokens -= 1
             self.emit(line)
         else:
             if not self._held:
                 self._window_start = t
-            self._held[reason_kind(reason)] += 1
+            self._held[kind] += 1
+        if len(self._kinds) > 1000:  # forget refilled reasons (an attacker can vary them)
+            self._kinds = {k: v for k, v in self._kinds.items() if v[0] + (t - v[1]) / self.every < self.per_reason}
+        self._kinds[kind] = (tokens, t)
 
     def tick(self) -> None:
         """Write the summary of held lines if their window is over."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ringllm.errors import ConfigError, HandshakeError, PeerLostError
+from ringllm.errors import ConfigError, ConfigMismatchError, HandshakeError, PeerLostError
 from ringllm.ring.admission import Admission, DropLog, log_emitter
 from ringllm.ring.handshake import HANDSHAKE_MAX_FRAME, HandshakeInfo, handshake
 from ringllm.ring.links import DEFAULT_RECV_TIMEOUT, Link, RingLinks
@@ -67,6 +67,8 @@ class RingListener:
         self._slot: Link | None = None  # an admitted predecessor waiting for accept_prev
         self._current: Link | None = None  # the predecessor link of the ring in use
         self._changed = asyncio.Event()
+        self._mismatched = asyncio.Event()
+        self.mismatch: ConfigMismatchError | None = None  # the first one an admitted peer showed
         self.refused = 0  # connections dropped so far (for tests and logs)
 
     @property
@@ -153,6 +155,12 @@ class RingListener:
             self._changed.clear()
             await self._changed.wait()
 
+    async def wait_mismatch(self) -> ConfigMismatchError:
+        """Wait until an authenticated peer is refused for a configuration mismatch; return it."""
+        await self._mismatched.wait()
+        assert self.mismatch is not None
+        return self.mismatch
+
     def _admit(self, peer: HandshakeInfo) -> str | None:
         cur = self._current
         if cur is not None and not cur.closed:
@@ -207,6 +215,9 @@ class RingListener:
                             timeout=self.handshake_timeout, peer=f"connection from {name}", admit=self._admit)
         except HandshakeError as exc:
             self._refused(exc)
+            if isinstance(exc, ConfigMismatchError) and self.mismatch is None:
+                self.mismatch = exc
+                self._mismatched.set()
             return
         except OSError as exc:
             self._refused(f"connection from {name}: connection failed: {exc!r}")
@@ -245,7 +256,9 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
     Connection failures, handshake timeouts and refusals marked ``retry`` are retried with
     exponential back-off (50 ms .. 2 s) until ``timeout`` s have passed (None: forever), then
     PeerLostError is raised.  A refusal by the successor that is a configuration mismatch
-    raises :class:`HandshakeError` when ``refusals_are_final`` (retrying cannot fix it);
+    raises :class:`HandshakeError` when ``refusals_are_final`` (retrying cannot fix it), and so
+    does a :class:`ConfigMismatchError` our listener finds with an authenticated peer meanwhile
+    (a 4-peer ring.toml against a 3-peer ring: the successor may never come up at all);
     otherwise it is logged and retried, so a survivor waits until the misconfigured peer is
     fixed.  Cancellation closes everything opened by this call.
     """
@@ -264,6 +277,9 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             await listener.start(*addrs[rank])
     next_link: Link | None = None
     prev_link: Link | None = None
+    # Joining for the first time, a mismatch our listener finds is as final as one the
+    # successor reports: the peer that connected to us is configured differently.
+    watch = asyncio.ensure_future(listener.wait_mismatch()) if refusals_are_final else None
     try:
         async with asyncio.timeout(timeout):
             # A link that dies before both are up (e.g. its other end was still leaving an
@@ -271,11 +287,11 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             # and push a neighbour that has just re-formed into another round.
             while True:
                 if next_link is None or next_link.closed:
-                    next_link = await _connect(addrs[succ], succ, me=me, secret=secret, ssl=ssl_client,
-                                               handshake_timeout=handshake_timeout, link_kw=link_kw,
-                                               refusals_are_final=refusals_are_final, rank=rank)
+                    next_link = await _unless(watch, _connect(
+                        addrs[succ], succ, me=me, secret=secret, ssl=ssl_client, handshake_timeout=handshake_timeout,
+                        link_kw=link_kw, refusals_are_final=refusals_are_final, rank=rank))
                 if prev_link is None or prev_link.closed:
-                    prev_link = await listener.accept_prev()
+                    prev_link = await _unless(watch, listener.accept_prev())
                 if not next_link.closed and not prev_link.closed:
                     break
     except TimeoutError:
@@ -291,9 +307,30 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             prev_link.close()
         raise
     finally:
+        if watch is not None:
+            watch.cancel()
         if own:
             listener.close()
     return RingLinks(rank, size, next_link, prev_link)
+
+
+async def _unless(watch: asyncio.Future[ConfigMismatchError] | None, coro: Any) -> Any:
+    """Await ``coro``; but if ``watch`` completes first, cancel it and raise what it returned."""
+    if watch is None:
+        return await coro
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()  # a link made in the same instant: not ours to keep
+    raise watch.result()
 
 
 async def _connect(addr: tuple[str, int], succ: int, *, me: HandshakeInfo, secret: bytes,

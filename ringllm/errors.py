@@ -64,6 +64,12 @@ class HandshakeError(RingError):
     """A peer was refused at the handshake (wrong secret, ring, model, plan or version)."""
 
 
+class ConfigMismatchError(HandshakeError):
+    """An authenticated peer's configuration differs from ours (ring size, rank, model, plan,
+    ring.toml settings): permanent, so a peer that meets it while first joining exits with it
+    rather than retry, whichever side of the connection noticed."""
+
+
 class PeerLostError(RingError):
     """A ring neighbour stopped answering or closed its link.
 

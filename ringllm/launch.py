@@ -130,7 +130,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
         server_ssl, client_ssl = peer_contexts(cfg.tls) if cfg.tls else (None, None)
         if ring_sock is not None:
             listener = RingListener(rank, cfg.size, me=me, secret=cfg.secret, handshake_timeout=hs_timeout,
-                                    recv_timeout=recv_timeout, ssl=server_ssl)
+                                    recv_timeout=recv_timeout, ssl=server_ssl, peer_hosts=[h for h, _ in addrs])
             await listener.start(sock=ring_sock)
             ring_sock = None  # the listener's now
 

@@ -181,14 +181,14 @@ async def _greedy(addr: str, ssl_ctx: ssl.SSLContext | None = None) -> list[int]
     return [ev["token"] for ev in events if ev["event"] == "token"]
 
 
-async def _connect(port: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _connect(port: int, src: str | None = None):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0) if src else None)
     return reader, writer, writer.get_extra_info("sockname")[1]
 
 
 def _dropped(ring: Ring, rank: int, local_port: int, timeout: float = 15.0) -> str:
     """The reason rank logged for dropping our connection from ``local_port``."""
-    m = ring.wait_log(rank, rf"dropped connection from 127\.0\.0\.1:{local_port}: (.*)", timeout=timeout)
+    m = ring.wait_log(rank, rf"dropped connection from 127\.0\.0\.\d+:{local_port}: (.*)", timeout=timeout)
     return m.group(1)
 
 
@@ -232,8 +232,9 @@ async def test_garbage_on_the_peer_port_is_dropped_with_a_reason_and_the_ring_ke
         "nothing at all": (b"", False, "handshake timed out after 3 s in state AWAIT_HELLO"),
     }
 
-    async def one(data: bytes, close: bool) -> int:
-        reader, writer, local = await _connect(port)
+    async def one(i: int, data: bytes, close: bool) -> int:
+        # From 127.0.0.2.. (other sources): one source may only have 4 handshakes at once.
+        reader, writer, local = await _connect(port, src=f"127.0.0.{2 + i}")
         writer.write(data)
         if close:
             writer.close()
@@ -247,7 +248,7 @@ async def test_garbage_on_the_peer_port_is_dropped_with_a_reason_and_the_ring_ke
         return local
 
     t0 = time.monotonic()
-    locals_ = await asyncio.gather(*[one(data, close) for data, close, _ in cases.values()])
+    locals_ = await asyncio.gather(*[one(i, data, close) for i, (data, close, _) in enumerate(cases.values())])
     for (name, (_, _, reason)), local in zip(cases.items(), locals_):
         got = await asyncio.to_thread(_dropped, tiny_ring, 0, local)
         print(f"\n[{name}] dropped: {got}")

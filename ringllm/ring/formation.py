@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ringllm.errors import ConfigError, HandshakeError, PeerLostError
+from ringllm.errors import ConfigError, ConfigMismatchError, HandshakeError, PeerLostError
+from ringllm.ring.admission import Admission, DropLog, log_emitter
 from ringllm.ring.handshake import HANDSHAKE_MAX_FRAME, HandshakeInfo, handshake
 from ringllm.ring.links import DEFAULT_RECV_TIMEOUT, Link, RingLinks
 from ringllm.ring.tcp import StreamLink, TcpLink
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 # the socket above 2x this many unread bytes, so an unauthenticated sender cannot make us
 # buffer much more than one handshake frame.
 _STREAM_LIMIT = HANDSHAKE_MAX_FRAME
-_MAX_PENDING_HANDSHAKES = 16
 
 
 def bind_ring_port(rank: int, host: str | None, port: int | None) -> socket.socket:
@@ -72,10 +72,12 @@ class RingListener:
     """Rank ``rank``'s listening socket, open for the peer's whole life.
 
     Every incoming connection is handshaked within ``handshake_timeout`` seconds (after a TLS
-    handshake, with ``ssl``), at most ``max_pending`` at once (later ones are closed unread).
+    handshake, with ``ssl``); how many may run at once, per source address and for hosts that
+    are not in ``peer_hosts`` (the configured peers' hosts), is :class:`Admission`'s rule
+    (later ones are closed unread), so a flood from elsewhere cannot starve a neighbour.
     Whatever fails — bytes that are not our protocol, silence, a wrong secret, a replayed
     handshake, a different model, ring.toml or protocol version, a wrong rank — is logged with
-    its reason and dropped; the running ring never notices.  Only the predecessor (rank - 1)
+    its reason and dropped (rate-limited: :class:`DropLog`); the running ring never notices.  Only the predecessor (rank - 1)
     is admitted, and only while we hold no live link to it: otherwise it is refused with
     ``retry`` (a duplicate rank, or a reconnect that beat our failure detection, which then
     connects again after a back-off).  An admitted link waits for :meth:`accept_prev`; a newer
@@ -85,20 +87,24 @@ class RingListener:
     def __init__(self, rank: int, size: int, *, me: HandshakeInfo, secret: bytes,
                  handshake_timeout: float = 10.0, recv_timeout: float = DEFAULT_RECV_TIMEOUT,
                  max_frame: int = DEFAULT_MAX_FRAME, ssl: _ssl.SSLContext | None = None,
-                 max_pending: int = _MAX_PENDING_HANDSHAKES) -> None:
+                 peer_hosts: Sequence[str] = (), admission: Admission | None = None) -> None:
         if size < 2 or not 0 <= rank < size:
             raise ValueError(f"a listener needs a ring of 2 or more, not rank {rank} of {size}")
         self.rank, self.size, self.pred = rank, size, (rank - 1) % size
         self.me, self._secret, self.ssl = me, secret, ssl
-        self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
+        self.handshake_timeout = handshake_timeout
+        self.admission = admission if admission is not None else Admission(peer_hosts)
+        self.drops = DropLog(log_emitter(log, rank))
         self._link_kw = {"recv_timeout": recv_timeout, "max_frame": max_frame}
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Future[None] | None = None
+        self._ticker: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self._slot: Link | None = None  # an admitted predecessor waiting for accept_prev
         self._current: Link | None = None  # the predecessor link of the ring in use
         self._changed = asyncio.Event()
-        self._handshaking = 0
+        self._mismatched = asyncio.Event()
+        self.mismatch: ConfigMismatchError | None = None  # the first one an admitted peer showed
         self.refused = 0  # connections dropped so far (for tests and logs)
 
     @property
@@ -130,7 +136,13 @@ class RingListener:
         sock.setblocking(False)
         self._sock = sock
         self._accepting = asyncio.ensure_future(self._accept_loop())
+        self._ticker = asyncio.ensure_future(self._tick_drops())
         return self
+
+    async def _tick_drops(self) -> None:
+        while True:  # a summary of held drop lines is written even when the flood stops
+            await asyncio.sleep(self.drops.every / 2)
+            self.drops.tick()
 
     async def _accept_loop(self) -> None:
         # Our own accept loop (not asyncio.start_server) so that a failed TLS handshake reaches
@@ -154,6 +166,9 @@ class RingListener:
         if self._accepting is not None:
             self._accepting.cancel()
             self._accepting = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for task in list(self._tasks):
             task.cancel()
         if self._sock is not None:
@@ -181,6 +196,12 @@ class RingListener:
             self._changed.clear()
             await self._changed.wait()
 
+    async def wait_mismatch(self) -> ConfigMismatchError:
+        """Wait until an authenticated peer is refused for a configuration mismatch; return it."""
+        await self._mismatched.wait()
+        assert self.mismatch is not None
+        return self.mismatch
+
     def _admit(self, peer: HandshakeInfo) -> str | None:
         cur = self._current
         if cur is not None and not cur.closed:
@@ -192,20 +213,19 @@ class RingListener:
 
     def _refused(self, why: object) -> None:
         self.refused += 1
-        log.warning("rank %d dropped %s", self.rank, why)
+        self.drops.drop(str(why), str(why))
 
     async def _on_accept(self, conn: socket.socket) -> None:
         try:
             where = conn.getpeername()
-            name = f"{where[0]}:{where[1]}"
+            host, name = where[0], f"{where[0]}:{where[1]}"
         except OSError:
             conn.close()
             return
-        if self._handshaking >= self.max_pending:
-            self._refused(f"connection from {name}: {self._handshaking} handshakes already in progress")
+        if busy := self.admission.enter(host):
+            self._refused(f"connection from {name}: {busy}")
             conn.close()
             return
-        self._handshaking += 1
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_STREAM_LIMIT)
         protocol = asyncio.StreamReaderProtocol(reader)
@@ -227,7 +247,7 @@ class RingListener:
                 transport.abort()
                 raise
         finally:
-            self._handshaking -= 1
+            self.admission.leave(host)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          name: str) -> None:
@@ -236,6 +256,9 @@ class RingListener:
                             timeout=self.handshake_timeout, peer=f"connection from {name}", admit=self._admit)
         except HandshakeError as exc:
             self._refused(exc)
+            if isinstance(exc, ConfigMismatchError) and self.mismatch is None:
+                self.mismatch = exc
+                self._mismatched.set()
             return
         except OSError as exc:
             self._refused(f"connection from {name}: connection failed: {exc!r}")
@@ -275,7 +298,9 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
     Connection failures, handshake timeouts and refusals marked ``retry`` are retried with
     exponential back-off (50 ms .. 2 s) until ``timeout`` s have passed (None: forever), then
     PeerLostError is raised.  A refusal by the successor that is a configuration mismatch
-    raises :class:`HandshakeError` when ``refusals_are_final`` (retrying cannot fix it);
+    raises :class:`HandshakeError` when ``refusals_are_final`` (retrying cannot fix it), and so
+    does a :class:`ConfigMismatchError` our listener finds with an authenticated peer meanwhile
+    (a 4-peer ring.toml against a 3-peer ring: the successor may never come up at all);
     otherwise it is logged and retried, so a survivor waits until the misconfigured peer is
     fixed.  Cancellation closes everything opened by this call.  ``progress`` says meanwhile
     whom the call still waits for.
@@ -288,7 +313,7 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
     own = listener is None
     if listener is None:
         listener = RingListener(rank, size, me=me, secret=secret, handshake_timeout=handshake_timeout,
-                                ssl=ssl_server, **link_kw)
+                                ssl=ssl_server, peer_hosts=[h for h, _ in addrs], **link_kw)
         if listen_sock is not None:
             await listener.start(sock=listen_sock)
         else:
@@ -300,6 +325,9 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
     progress._listener = listener
     waiting_next = (succ, f"{addrs[succ][0]}:{addrs[succ][1]}", now)
     progress._prev = (pred, f"{addrs[pred][0]}:{addrs[pred][1]}", now)
+    # Joining for the first time, a mismatch our listener finds is as final as one the
+    # successor reports: the peer that connected to us is configured differently.
+    watch = asyncio.ensure_future(listener.wait_mismatch()) if refusals_are_final else None
     try:
         async with asyncio.timeout(timeout):
             # A link that dies before both are up (e.g. its other end was still leaving an
@@ -308,12 +336,12 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
             while True:
                 if next_link is None or next_link.closed:
                     progress._next = waiting_next
-                    next_link = await _connect(addrs[succ], succ, me=me, secret=secret, ssl=ssl_client,
-                                               handshake_timeout=handshake_timeout, link_kw=link_kw,
-                                               refusals_are_final=refusals_are_final, rank=rank)
+                    next_link = await _unless(watch, _connect(
+                        addrs[succ], succ, me=me, secret=secret, ssl=ssl_client, handshake_timeout=handshake_timeout,
+                        link_kw=link_kw, refusals_are_final=refusals_are_final, rank=rank))
                     progress._next = None
                 if prev_link is None or prev_link.closed:
-                    prev_link = await listener.accept_prev()
+                    prev_link = await _unless(watch, listener.accept_prev())
                 if not next_link.closed and not prev_link.closed:
                     break
     except TimeoutError:
@@ -330,9 +358,30 @@ async def open_tcp_ring(rank: int, addrs: Sequence[tuple[str, int]], *, me: Hand
         raise
     finally:
         progress._next = progress._prev = progress._listener = None
+        if watch is not None:
+            watch.cancel()
         if own:
             listener.close()
     return RingLinks(rank, size, next_link, prev_link)
+
+
+async def _unless(watch: asyncio.Future[ConfigMismatchError] | None, coro: Any) -> Any:
+    """Await ``coro``; but if ``watch`` completes first, cancel it and raise what it returned."""
+    if watch is None:
+        return await coro
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()  # a link made in the same instant: not ours to keep
+    raise watch.result()
 
 
 async def _connect(addr: tuple[str, int], succ: int, *, me: HandshakeInfo, secret: bytes,

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ringllm.errors import HandshakeError, RemoteProtocolError
+from ringllm.errors import ConfigMismatchError, HandshakeError, RemoteProtocolError
 from ringllm.ring.wire import Frame, FrameDecoder, encode_frame_bytes
 
 __all__ = [
@@ -161,14 +161,20 @@ class Handshake:
                            "rank": me.rank, "size": me.size, "model": me.model,
                            "plan": me.plan, "nonce": self.nonce, "cfg": me.config})]
 
-    def refuse(self, reason: str, *, retry: bool = False) -> Out:
+    def refuse(self, reason: str, *, retry: bool = False, mismatch: bool = False) -> Out:
         """Give up with ``reason``: returns the refusal frame to send.
 
         ``retry`` tells the peer that we are not ready for it yet, rather than incompatible.
+        ``mismatch``: an authenticated peer's configuration differs (``error`` is then a
+        :class:`ConfigMismatchError`).
         """
         self.state = REFUSED
-        self.error = _error(reason, retry)
+        self.error = _error(reason, retry, ConfigMismatchError if mismatch else HandshakeError)
         return [("refuse", {"reason": reason[:1000], "retry": retry})]
+
+    def mismatch(self, reason: str) -> Out:
+        """Refuse an authenticated peer whose configuration differs (permanent)."""
+        return self.refuse(reason, mismatch=True)
 
     def receive(self, frame: Frame) -> Out:
         """Advance on one received frame; return the frames to send (possibly a refusal)."""
@@ -222,20 +228,20 @@ class Handshake:
         assert peer is not None
         who = f"peer rank {peer.rank}"
         if self.expect_rank is not None and peer.rank != self.expect_rank:
-            return self.refuse(f"{who} connected where we expect rank {self.expect_rank}")
+            return self.mismatch(f"{who} connected where we expect rank {self.expect_rank}")
         if peer.size != me.size:
-            return self.refuse(f"{who} has ring size {peer.size} but we have {me.size}")
+            return self.mismatch(f"{who} has ring size {peer.size} but we have {me.size}")
         if peer.rank >= me.size:
-            return self.refuse(f"{who} is out of range for a ring of {me.size}")
+            return self.mismatch(f"{who} is out of range for a ring of {me.size}")
         if peer.rank == me.rank:
-            return self.refuse(f"{who} has the same rank as we do")
+            return self.mismatch(f"{who} has the same rank as we do")
         if peer.model != me.model:
-            return self.refuse(f"{who} has model fingerprint {_short(peer.model)} "
+            return self.mismatch(f"{who} has model fingerprint {_short(peer.model)} "
                                f"but we have {_short(me.model)} (a different model file)")
         if diff := config_difference(peer.config, me.config):
-            return self.refuse(f"{who} runs a different ring configuration: {diff}")
+            return self.mismatch(f"{who} runs a different ring configuration: {diff}")
         if peer.plan != me.plan:
-            return self.refuse(f"{who} has shard-plan hash {_short(peer.plan)} "
+            return self.mismatch(f"{who} has shard-plan hash {_short(peer.plan)} "
                                f"but we have {_short(me.plan)}")
         if self.admit is not None and (reason := self.admit(peer)):
             return self.refuse(reason, retry=True)
@@ -243,8 +249,8 @@ class Handshake:
         return [("ready", {})]
 
 
-def _error(reason: str, retry: bool) -> HandshakeError:
-    err = HandshakeError(reason)
+def _error(reason: str, retry: bool, cls: type[HandshakeError] = HandshakeError) -> HandshakeError:
+    err = cls(reason)
     err.retry = retry  # type: ignore[attr-defined]  # read by the connecting side's back-off
     return err
 
@@ -328,6 +334,6 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         return hs.peer
     if error is None:
         assert hs.error is not None
-        error = _error(f"{peer}: {hs.error}", getattr(hs.error, "retry", False))
+        error = _error(f"{peer}: {hs.error}", getattr(hs.error, "retry", False), type(hs.error))
     await _linger_close(reader, writer)
     raise error

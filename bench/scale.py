@@ -126,7 +126,7 @@ async def comm_worker(rank: int, size: int, dim: int, n_layers: int, tokens: int
 
     from ringllm.ring.collectives import Collectives
     from ringllm.ring.handshake import HandshakeInfo
-    from ringllm.ring.links import open_tcp_ring
+    from ringllm.ring.formation import open_tcp_ring
 
     addrs = [(f"10.77.0.{r + 1}", COMM_PORT) for r in range(size)]
     me = HandshakeInfo(ring="scale", rank=rank, size=size, model="m", plan="p")

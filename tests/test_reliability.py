@@ -139,7 +139,7 @@ async def test_listener_readmits_the_predecessor_only_after_its_link_died():
     # A second rank 1 while the first one's link is alive: refused, but told to retry.
     reader, writer = await asyncio.open_connection(*listeners[0].address)
     with pytest.raises(HandshakeError, match="already has a live link from rank 1.*duplicate rank 1") as info:
-        await handshake(reader, writer, me=info_b, secret=b"s3cret-s3cret", expect_rank=0, timeout=5)
+        await handshake(reader, writer, me=info_b, initiator=True, secret=b"s3cret-s3cret", expect_rank=0, timeout=5)
     assert info.value.retry
     async with asyncio.timeout(5):
         while listeners[0].refused != 1:  # logged once the refusal has been read (linger)

@@ -53,7 +53,7 @@ MAX_FRAME, MAX_HEADER = 2048, 256
 
 def _streams() -> st.SearchStrategy[bytes]:
     """Valid frame streams, corrupted at random points, plus pure noise and hostile prefixes."""
-    kinds = st.sampled_from(["hello", "auth", "ready", "refuse", "coll", "ping", "bye", "x"])
+    kinds = st.sampled_from(["hello", "auth", "config", "ready", "refuse", "coll", "ping", "bye", "x"])
     headers = st.dictionaries(st.text(max_size=6).filter(lambda k: k != "k"),
                               st.integers(-2**63, 2**63 - 1) | st.text(max_size=8) | st.binary(max_size=8), max_size=3)
     valid = st.lists(st.tuples(kinds, headers, st.binary(max_size=80)), max_size=4).map(
@@ -124,30 +124,34 @@ ME = HandshakeInfo(ring="sec", rank=0, size=2, model="ab" * 32, plan="cd" * 32, 
 
 frames_st = st.builds(
     Frame,
-    st.sampled_from(["hello", "auth", "ready", "refuse", "coll", "bye"]),
+    st.sampled_from(["hello", "auth", "config", "ready", "refuse", "coll", "bye"]),
     st.fixed_dictionaries({}, optional={
-        "magic": st.sampled_from([b"RINGLLM", b"X"]), "v": st.integers(-2, 2**40), "ring": st.sampled_from(["sec", "x"]),
+        "magic": st.sampled_from([b"RINGLLM", b"X"]), "v": st.sampled_from([PROTOCOL_VERSION, 2]) | st.integers(-2, 2**40),
+        "ring": st.sampled_from(["sec", "x"]),
         "rank": st.integers(-5, 2**40), "size": st.integers(-5, 2**40), "model": st.sampled_from(["ab" * 32, "zz"]),
-        "plan": st.sampled_from(["cd" * 32, ""]), "nonce": st.binary(min_size=0, max_size=40),
+        "plan": st.sampled_from(["cd" * 32, ""]), "nonce": st.binary(min_size=32, max_size=32) | st.binary(max_size=40),
         "cfg": st.one_of(st.just('{"a":1}'), st.just('{"a":2}'), st.just("not json"), st.integers(-5, 5)),
         "mac": st.binary(max_size=40), "reason": st.text(max_size=20), "retry": st.booleans()}),
 )
 
 
-@given(st.lists(frames_st, max_size=6))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_handshake_machine_never_raises_and_never_admits_without_the_secret(frames):
+@given(st.lists(frames_st, max_size=6), st.booleans())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_handshake_machine_never_raises_and_never_admits_without_the_secret(frames, initiator):
     """Whatever frames a stranger sends (schema-valid or not: the machine must not trust the
-    decoder for fields it reads), it is refused or still waiting; never authenticated."""
-    hs = Handshake(ME, SECRET, expect_rank=1)
+    decoder for fields it reads), it is refused or still waiting; never authenticated.  And it
+    gets nothing but our hello and a refusal, except the initiator's own proof (issue 15): no
+    configuration, and from an acceptor no MAC at all."""
+    hs = Handshake(ME, SECRET, initiator=initiator, expect_rank=1)
     hs.start()
+    allowed = ("auth", "refuse") if initiator else ("refuse",)
     for frame in frames:
         try:  # only what the real decoder lets through reaches the machine
             (frame,) = FrameDecoder().feed(encode_frame_bytes(frame.kind, frame.header))
         except RemoteProtocolError:
             continue
         out = hs.receive(frame)
-        assert all(kind in ("auth", "ready", "refuse") for kind, _ in out)
+        assert all(kind in allowed for kind, _ in out), out
     assert hs.state != "DONE"
 
 
@@ -211,8 +215,7 @@ def _assert_still_serving(ring: Ring) -> None:
 
 async def test_garbage_on_the_peer_port_is_dropped_with_a_reason_and_the_ring_keeps_serving(tiny_ring):
     port = tiny_ring.cfg.peers[0].port
-    hello = encode_frame_bytes("hello", {"magic": b"RINGLLM", "v": PROTOCOL_VERSION, "ring": "sec", "rank": 1, "size": 2,
-                                         "model": "m", "plan": "p", "nonce": os.urandom(32), "cfg": ""})
+    hello = encode_frame_bytes("hello", {"magic": b"RINGLLM", "v": PROTOCOL_VERSION, "nonce": os.urandom(32)})
     cases = {  # name: (bytes to send, close afterwards, expected reason)
         "random bytes": (b"\xff\x00" + os.urandom(4000), False, "not a ringllm peer or protocol error: bad frame magic"),
         "http request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False, "bad frame magic b'GE'"),
@@ -297,16 +300,16 @@ async def test_without_the_secret_or_with_a_wrong_one_nobody_gets_in(tiny_ring):
     claims = _claims(tiny_ring, 1, tiny_ring.model)
     # A wrong secret: the real handshake driver with everything else right.
     reader, writer, local = await _connect(port)
-    with pytest.raises(HandshakeError, match="wrong secret"):
-        await handshake(reader, writer, me=claims, secret=b"not-the-ring-secret!", expect_rank=0, timeout=5)
+    with pytest.raises(HandshakeError, match="peer refused the handshake: authentication failed"):
+        await handshake(reader, writer, me=claims, initiator=True, secret=b"not-the-ring-secret!", expect_rank=0, timeout=5)
     assert "wrong secret" in await asyncio.to_thread(_dropped, tiny_ring, 0, local)
     # No secret at all: a correct hello, then a made-up proof.
     reader, writer, local = await _connect(port)
-    hs = Handshake(claims, b"x" * 16)
+    hs = Handshake(claims, b"x" * 16, initiator=True)
     (kind, hello), = hs.start()
     writer.write(encode_frame_bytes(kind, hello) + encode_frame_bytes("auth", {"mac": os.urandom(32)}))
     refusal = await _read_refusal(reader)
-    assert "wrong secret" in refusal
+    assert refusal == "authentication failed"  # all it is told; the peer logs the reason
     writer.close()
     assert "wrong secret" in await asyncio.to_thread(_dropped, tiny_ring, 0, local)
     await asyncio.to_thread(_assert_still_serving, tiny_ring)
@@ -323,6 +326,51 @@ async def _read_refusal(reader: asyncio.StreamReader) -> str:
                 return ""
 
 
+async def test_an_unauthenticated_connection_learns_no_address_plan_or_fingerprint_and_gets_no_mac(tiny_ring):
+    """Issue 15's acceptance test, against a real peer process: a stranger connects, reads what
+    the peer says first, sends a well-formed hello and a made-up proof, and reads until the peer
+    closes.  All it may get is the peer's hello (magic, version, a 32-byte nonce) and a refusal
+    that says "authentication failed": no host:port, ring name, plan hash, model fingerprint or
+    ring settings, and no MAC."""
+    cfg = tiny_ring.cfg
+    claims = _claims(tiny_ring, 0, tiny_ring.model)
+    reader, writer, local = await _connect(cfg.peers[0].port, src="127.0.0.20")
+    received = bytearray()
+    dec = FrameDecoder(max_frame=HANDSHAKE_MAX_FRAME)
+    frames: list[Frame] = []
+    async with asyncio.timeout(10):
+        while not frames:  # what the peer sends before we say anything
+            chunk = await reader.read(4096)
+            assert chunk, "the peer closed without a word"
+            received += chunk
+            frames += dec.feed(chunk)
+        writer.write(encode_frame_bytes("hello", {"magic": b"RINGLLM", "v": PROTOCOL_VERSION, "nonce": os.urandom(32)})
+                     + encode_frame_bytes("auth", {"mac": os.urandom(32)}))
+        while chunk := await reader.read(4096):  # everything, until the peer closes
+            received += chunk
+            frames += dec.feed(chunk)
+    writer.close()
+    assert [f.kind for f in frames] == ["hello", "refuse"], frames
+    hello, refusal = frames
+    assert set(hello.header) == {"magic", "v", "nonce"} and hello.header["magic"] == b"RINGLLM"
+    assert hello.header["v"] == PROTOCOL_VERSION and len(hello.header["nonce"]) == 32
+    assert refusal.header == {"reason": "authentication failed", "retry": False}
+    assert all(len(f.payload) == 0 for f in frames)
+    # Exactly those two frames' bytes, nothing more (no MAC-sized blob anywhere).
+    assert bytes(received) == (encode_frame_bytes("hello", hello.header) + encode_frame_bytes("refuse", refusal.header))
+    # And, byte for byte, none of the claims (the nonce blanked: 32 random bytes may hold anything).
+    rest = bytes(received).replace(hello.header["nonce"], b"")
+    leaks = [f"{p.host}:{p.port}" for p in cfg.peers] + [f'"{p.host}",{p.port}' for p in cfg.peers]
+    leaks += [p.host for p in cfg.peers] + [str(p.port) for p in cfg.peers]
+    leaks += [claims.plan, claims.model, claims.config, cfg.name, "max_batch", "dead_after"]
+    for leak in leaks:
+        assert leak.encode() not in rest, leak
+    for digest in (claims.plan, claims.model):
+        assert bytes.fromhex(digest) not in rest, digest
+    assert "wrong secret" in await asyncio.to_thread(_dropped, tiny_ring, 0, local)
+    await asyncio.to_thread(_assert_still_serving, tiny_ring)
+
+
 async def test_a_recorded_handshake_cannot_be_replayed(tiny_ring):
     """Record what a peer with the secret sends, then replay it byte for byte: the peer's fresh
     nonce makes the recorded proof worthless."""
@@ -334,7 +382,7 @@ async def test_a_recorded_handshake_cannot_be_replayed(tiny_ring):
     writer.write = lambda data: (recorded.append(bytes(data)), real_write(data))[1]  # type: ignore[method-assign]
     with pytest.raises(HandshakeError, match="already has a live link from rank 1"):
         # The secret is right, so it gets as far as admission: rank 0 already has its rank 1.
-        await handshake(reader, writer, me=claims, secret=tiny_ring.cfg.secret, expect_rank=0, timeout=5)
+        await handshake(reader, writer, me=claims, initiator=True, secret=tiny_ring.cfg.secret, expect_rank=0, timeout=5)
     hello, auth = recorded[0], recorded[1]
     reader, writer, local = await _connect(port)
     writer.write(hello)
@@ -360,7 +408,7 @@ async def test_protocol_version_and_wrong_rank_are_refused_precisely(tiny_ring):
     for info, reason in cases:
         reader, writer, local = await _connect(port)
         with pytest.raises(HandshakeError):  # (we may find fault with its claims first)
-            await handshake(reader, writer, me=info, secret=tiny_ring.cfg.secret, expect_rank=0, timeout=5)
+            await handshake(reader, writer, me=info, initiator=True, secret=tiny_ring.cfg.secret, expect_rank=0, timeout=5)
         assert reason in await asyncio.to_thread(_dropped, tiny_ring, 0, local)
     await asyncio.to_thread(_assert_still_serving, tiny_ring)
 

@@ -252,8 +252,9 @@ class RingListener:
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          name: str) -> None:
         try:
-            await handshake(reader, writer, me=self.me, secret=self._secret, expect_rank=self.pred,
-                            timeout=self.handshake_timeout, peer=f"connection from {name}", admit=self._admit)
+            await handshake(reader, writer, me=self.me, secret=self._secret, initiator=False,
+                            expect_rank=self.pred, timeout=self.handshake_timeout,
+                            peer=f"connection from {name}", admit=self._admit)
         except HandshakeError as exc:
             self._refused(exc)
             if isinstance(exc, ConfigMismatchError) and self.mismatch is None:
@@ -402,7 +403,7 @@ async def _connect(addr: tuple[str, int], succ: int, *, me: HandshakeInfo, secre
             delay = min(delay * 2, 2.0)
             continue
         try:
-            await handshake(reader, writer, me=me, secret=secret, expect_rank=succ,
+            await handshake(reader, writer, me=me, secret=secret, initiator=True, expect_rank=succ,
                             timeout=handshake_timeout, peer=name)
         except HandshakeError as exc:
             if not getattr(exc, "retry", False) and refusals_are_final:

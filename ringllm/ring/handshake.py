@@ -1,19 +1,30 @@
-"""Peer handshake: compatibility checks and mutual HMAC-SHA256 challenge-response.
+"""Peer handshake: mutual HMAC-SHA256 authentication first, then compatibility checks.
 
-Both ends run the same symmetric protocol (no client/server roles), as a pure state machine
-(:class:`Handshake`) plus a thin asyncio driver (:func:`handshake`)::
+The connecting end is the *initiator*, the listening end the *acceptor*.  The handshake runs as
+a pure state machine (:class:`Handshake`) plus a thin asyncio driver (:func:`handshake`)::
 
-    both:  --hello-->   magic, protocol version, ring, rank, size, model, plan, ring-config
-                        claim, 32-byte nonce
-    both:  --auth--->   mac = HMAC-SHA256(secret, LABEL || T(mine) || T(theirs))
-    both:  --ready-->   (or --refuse--> with a reason, at any point, then close)
+    both:      --hello-->   magic, protocol version, 32-byte nonce (nothing else)
+    initiator: --auth--->   mac_i = HMAC(secret, LABEL || "initiator\\0" || nonce_i || nonce_a)
+    acceptor:               verifies mac_i; if wrong: refuse "authentication failed", close
+    acceptor:  --auth--->   mac_a = HMAC(secret, LABEL || "acceptor\\0" || nonce_a || nonce_i)
+    acceptor:  --config->   ring, rank, size, model, plan, ring-config claim, and
+                            mac = HMAC(secret, LABEL || "config\\0" || nonce_mine || nonce_theirs
+                                       || C(config))
+    initiator:              verifies mac_a; if wrong: refuse "authentication failed", close
+    initiator: --config->   (the same, its own)
+    both:      --ready-->   after verifying the other's config frame and checking its claims
+                            (or --refuse--> with a reason, at any point, then close)
 
-``T(h)`` is the SHA-256 of the canonical transcript of hello ``h`` (see :func:`transcript`), so
-the MAC binds both nonces and every hello field: a recorded handshake cannot be replayed (the
-other side's fresh nonce changes the expected MAC) and the prover's own hello comes first, so a
-proof cannot be reflected back to its author.  Hellos with equal nonces are refused.  This
-authenticates peers; it does not encrypt or protect the link afterwards (turn on ``[tls]`` in
-ring.toml, or use a VPN, on untrusted networks).  Byte layouts are in ``docs/protocol.md``.
+So a party that has not proven it knows the secret sees only magic, version and a random nonce,
+and gets no MAC: the initiator proves first, and the acceptor sends its proof and its
+configuration only to an initiator whose proof verified; the initiator sends its own
+configuration only after the acceptor's proof verified.  The role labels keep a proof from
+being reflected back as the other role's; the fresh nonces keep a recorded one from being
+replayed; the config MAC binds each configuration to this session and its sender (``C`` is the
+canonical encoding of :func:`config_transcript`), so nobody in the middle can swap configs
+after authentication.  Hellos with equal nonces are refused.  This authenticates peers; it does
+not encrypt or protect the link afterwards (turn on ``[tls]`` in ring.toml, or use a VPN, on
+untrusted networks).  Byte layouts are in ``docs/protocol.md``.
 
 A refusal is final (a configuration mismatch) unless it carries ``retry = true``: then the
 other side was only not ready for us yet (e.g. it still holds a live link to our rank) and we
@@ -36,24 +47,32 @@ from ringllm.errors import ConfigMismatchError, HandshakeError, RemoteProtocolEr
 from ringllm.ring.wire import Frame, FrameDecoder, encode_frame_bytes
 
 __all__ = [
+    "ACCEPTOR",
+    "AUTH_FAILED",
     "HANDSHAKE_MAGIC",
     "HANDSHAKE_MAX_FRAME",
+    "INITIATOR",
     "PROTOCOL_VERSION",
     "Handshake",
     "HandshakeInfo",
     "compute_mac",
     "config_difference",
+    "config_transcript",
     "handshake",
     "read_frame",
-    "transcript",
 ]
 
 HANDSHAKE_MAGIC = b"RINGLLM"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 NONCE_BYTES = 32
 # Before the peer is authenticated it may only make us buffer this much.
 HANDSHAKE_MAX_FRAME = 16 * 1024
-_LABEL = b"ringllm-handshake-v1\x00"
+_LABEL = b"ringllm-handshake-v3\x00"
+# What a MAC proves, right after the label: each purpose its own string, so a MAC made for one
+# cannot pass as another (the nonces after it are always 32 bytes, so the message is unambiguous).
+INITIATOR, ACCEPTOR, _CONFIG = b"initiator\x00", b"acceptor\x00", b"config\x00"
+# The whole reason a peer that failed authentication is told: nothing about us.
+AUTH_FAILED = "authentication failed"
 _LINGER = 1.0  # seconds to wait for the peer to read our refusal before closing
 
 
@@ -76,22 +95,22 @@ class HandshakeInfo:
     config: str = ""
 
 
-def transcript(info: HandshakeInfo, nonce: bytes, magic: bytes = HANDSHAKE_MAGIC) -> bytes:
-    """Canonical bytes of a hello, independent of msgpack: each field as u32 BE length + bytes.
-
-    Order: magic, version (u32 BE), ring (UTF-8), rank (u32 BE), size (u32 BE), model (UTF-8),
-    plan (UTF-8), nonce, config (UTF-8).
-    """
-    parts = [magic, struct.pack(">I", info.version), info.ring.encode(),
-             struct.pack(">I", info.rank), struct.pack(">I", info.size),
-             info.model.encode(), info.plan.encode(), nonce, info.config.encode()]
+def config_transcript(info: HandshakeInfo) -> bytes:
+    """Canonical bytes of a config frame, independent of msgpack: each field as u32 BE length +
+    bytes, in the order ring (UTF-8), rank (u32 BE), size (u32 BE), model (UTF-8), plan (UTF-8),
+    config (UTF-8).  ``rank`` and ``size`` must fit in a u32."""
+    parts = [info.ring.encode(), struct.pack(">I", info.rank), struct.pack(">I", info.size),
+             info.model.encode(), info.plan.encode(), info.config.encode()]
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 
-def compute_mac(secret: bytes, prover: bytes, verifier: bytes) -> bytes:
-    """HMAC-SHA256(secret, LABEL || sha256(prover transcript) || sha256(verifier transcript))."""
-    msg = _LABEL + hashlib.sha256(prover).digest() + hashlib.sha256(verifier).digest()
-    return hmac.new(secret, msg, hashlib.sha256).digest()
+def compute_mac(secret: bytes, purpose: bytes, first: bytes, second: bytes, body: bytes = b"") -> bytes:
+    """HMAC-SHA256(secret, LABEL || purpose || first nonce || second nonce || body).
+
+    ``purpose`` is :data:`INITIATOR` or :data:`ACCEPTOR` (a proof, with the prover's nonce
+    first) or the config label (a config frame, the sender's nonce first, ``body`` its
+    :func:`config_transcript`)."""
+    return hmac.new(secret, _LABEL + purpose + first + second + body, hashlib.sha256).digest()
 
 
 def _short(h: str) -> str:
@@ -116,8 +135,9 @@ def config_difference(theirs: str, ours: str) -> str:
 
 
 # States of the pure machine; the table of which frame is legal where is in docs/protocol.md.
-START, AWAIT_HELLO, AWAIT_AUTH, AWAIT_VERDICT, DONE, REFUSED = (
-    "START", "AWAIT_HELLO", "AWAIT_AUTH", "AWAIT_VERDICT", "DONE", "REFUSED")
+START, AWAIT_HELLO, AWAIT_AUTH, AWAIT_CONFIG, AWAIT_VERDICT, DONE, REFUSED = (
+    "START", "AWAIT_HELLO", "AWAIT_AUTH", "AWAIT_CONFIG", "AWAIT_VERDICT", "DONE", "REFUSED")
+_EXPECTS = {AWAIT_HELLO: "hello", AWAIT_AUTH: "auth", AWAIT_CONFIG: "config", AWAIT_VERDICT: "ready"}
 
 Out = list[tuple[str, dict[str, Any]]]
 
@@ -129,25 +149,28 @@ class Handshake:
     :meth:`receive` and send what it returns.  When ``state`` is ``DONE`` the peer is
     authenticated and compatible and ``peer`` holds its claims.  When it is ``REFUSED``,
     ``error`` is the :class:`HandshakeError` to raise (after sending the returned refusal, if any).
+    ``initiator``: True on the connecting end (it proves first), False on the listening end.
     """
 
-    def __init__(self, me: HandshakeInfo, secret: bytes, *, expect_rank: int | None = None,
-                 nonce: bytes | None = None,
+    def __init__(self, me: HandshakeInfo, secret: bytes, *, initiator: bool,
+                 expect_rank: int | None = None, nonce: bytes | None = None,
                  admit: Callable[[HandshakeInfo], str | None] | None = None) -> None:
         """``admit`` is asked last, once the peer is authenticated and compatible: a reason it
         returns refuses the peer for now (a refusal with ``retry``: come back later)."""
         if not secret:
             raise ValueError("the ring secret must not be empty")
+        if not (0 <= me.rank < 2**32 and 0 < me.size < 2**32):
+            raise ValueError(f"rank {me.rank} / size {me.size} do not fit the handshake's u32 fields")
         self.me = me
         self._secret = secret
+        self.initiator = initiator
         self.expect_rank = expect_rank
         self.admit = admit
         self.nonce = nonce if nonce is not None else _secrets.token_bytes(NONCE_BYTES)
         self.state = START
         self.peer: HandshakeInfo | None = None
         self.error: HandshakeError | None = None
-        self._mine = transcript(me, self.nonce)
-        self._theirs = b""
+        self._their_nonce = b""
 
     @property
     def finished(self) -> bool:
@@ -156,21 +179,19 @@ class Handshake:
     def start(self) -> Out:
         assert self.state == START
         self.state = AWAIT_HELLO
-        me = self.me
-        return [("hello", {"magic": HANDSHAKE_MAGIC, "v": me.version, "ring": me.ring,
-                           "rank": me.rank, "size": me.size, "model": me.model,
-                           "plan": me.plan, "nonce": self.nonce, "cfg": me.config})]
+        return [("hello", {"magic": HANDSHAKE_MAGIC, "v": self.me.version, "nonce": self.nonce})]
 
-    def refuse(self, reason: str, *, retry: bool = False, mismatch: bool = False) -> Out:
+    def refuse(self, reason: str, *, retry: bool = False, mismatch: bool = False,
+               tell: str | None = None) -> Out:
         """Give up with ``reason``: returns the refusal frame to send.
 
         ``retry`` tells the peer that we are not ready for it yet, rather than incompatible.
         ``mismatch``: an authenticated peer's configuration differs (``error`` is then a
-        :class:`ConfigMismatchError`).
+        :class:`ConfigMismatchError`).  ``tell``: what the peer is told, if not ``reason``.
         """
         self.state = REFUSED
         self.error = _error(reason, retry, ConfigMismatchError if mismatch else HandshakeError)
-        return [("refuse", {"reason": reason[:1000], "retry": retry})]
+        return [("refuse", {"reason": (reason if tell is None else tell)[:1000], "retry": retry})]
 
     def mismatch(self, reason: str) -> Out:
         """Refuse an authenticated peer whose configuration differs (permanent)."""
@@ -181,11 +202,14 @@ class Handshake:
         if self.finished:
             return []
         if frame.kind == "refuse":
+            reason = frame.header["reason"]
+            if reason == AUTH_FAILED:
+                reason += " (our proof did not verify: is our secret the ring's?)"
             self.state = REFUSED
-            self.error = _error(f"peer refused the handshake: {frame.header['reason']}",
+            self.error = _error(f"peer refused the handshake: {reason}",
                                 frame.header.get("retry") is True)
             return []
-        expected = {AWAIT_HELLO: "hello", AWAIT_AUTH: "auth", AWAIT_VERDICT: "ready"}[self.state]
+        expected = _EXPECTS[self.state]
         if frame.kind != expected:
             return self.refuse(f"protocol error: got a {frame.kind!r} frame while waiting for "
                                f"{expected!r}")
@@ -193,40 +217,58 @@ class Handshake:
             return self._on_hello(frame.header)
         if self.state == AWAIT_AUTH:
             return self._on_auth(frame.header)
+        if self.state == AWAIT_CONFIG:
+            return self._on_config(frame.header)
         self.state = DONE
         return []
 
     def _on_hello(self, h: dict[str, Any]) -> Out:
-        me = self.me
         if h["magic"] != HANDSHAKE_MAGIC:
             return self.refuse(f"not a ringllm peer (handshake magic {h['magic']!r})")
-        if h["v"] != me.version:
-            return self.refuse(f"protocol version {h['v']} not supported (we speak {me.version})")
-        if h["ring"] != me.ring:
-            return self.refuse(f"peer is in ring {h['ring']!r} but we are in ring {me.ring!r}")
+        if h["v"] != self.me.version:
+            return self.refuse(f"protocol version {h['v']} not supported (we speak {self.me.version})")
         if len(h["nonce"]) != NONCE_BYTES or h["nonce"] == self.nonce:
             return self.refuse("bad handshake nonce (wrong length or our own nonce reflected)")
-        if not (0 <= h["rank"] < 2**32 and 0 < h["size"] < 2**32):
-            return self.refuse(f"bad rank {h['rank']} / size {h['size']} in hello")
-        config = h.get("cfg", "")
-        if type(config) is not str:
-            return self.refuse(f"bad ring-config claim in hello (a {type(config).__name__})")
-        self.peer = HandshakeInfo(ring=h["ring"], rank=h["rank"], size=h["size"],
-                                  model=h["model"], plan=h["plan"], version=h["v"],
-                                  config=config)
-        self._theirs = transcript(self.peer, h["nonce"])
+        self._their_nonce = h["nonce"]
         self.state = AWAIT_AUTH
-        return [("auth", {"mac": compute_mac(self._secret, self._mine, self._theirs)})]
+        if self.initiator:  # we prove first; the acceptor says nothing more until it verified us
+            return [("auth", {"mac": compute_mac(self._secret, INITIATOR, self.nonce, self._their_nonce)})]
+        return []
 
     def _on_auth(self, h: dict[str, Any]) -> Out:
-        expected = compute_mac(self._secret, self._theirs, self._mine)
+        role = ACCEPTOR if self.initiator else INITIATOR
+        expected = compute_mac(self._secret, role, self._their_nonce, self.nonce)
         if not hmac.compare_digest(h["mac"], expected):
             return self.refuse("wrong secret: the peer's proof does not verify "
-                               "(different shared secret, or a replayed handshake)")
-        # Authenticated: now the claims can be trusted enough to diagnose mismatches.
-        me, peer = self.me, self.peer
-        assert peer is not None
+                               "(different shared secret, or a replayed handshake)", tell=AUTH_FAILED)
+        # The peer is authenticated: now it may have our proof (acceptor) and our configuration.
+        self.state = AWAIT_CONFIG
+        out: Out = []
+        if not self.initiator:
+            out.append(("auth", {"mac": compute_mac(self._secret, ACCEPTOR, self.nonce, self._their_nonce)}))
+        me = self.me
+        mac = compute_mac(self._secret, _CONFIG, self.nonce, self._their_nonce, config_transcript(me))
+        out.append(("config", {"ring": me.ring, "rank": me.rank, "size": me.size, "model": me.model,
+                               "plan": me.plan, "cfg": me.config, "mac": mac}))
+        return out
+
+    def _on_config(self, h: dict[str, Any]) -> Out:
+        if not (0 <= h["rank"] < 2**32 and 0 < h["size"] < 2**32):
+            return self.refuse(f"bad rank {h['rank']} / size {h['size']} in config")
+        peer = HandshakeInfo(ring=h["ring"], rank=h["rank"], size=h["size"], model=h["model"],
+                             plan=h["plan"], version=self.me.version, config=h["cfg"])
+        expected = compute_mac(self._secret, _CONFIG, self._their_nonce, self.nonce,
+                               config_transcript(peer))
+        if not hmac.compare_digest(h["mac"], expected):
+            return self.refuse("the peer's configuration frame does not verify "
+                               "(altered in flight, or not from the peer that authenticated)")
+        # Authenticated and bound to this session: now the claims can be trusted enough to
+        # diagnose mismatches.
+        self.peer = peer
+        me = self.me
         who = f"peer rank {peer.rank}"
+        if peer.ring != me.ring:
+            return self.mismatch(f"peer is in ring {peer.ring!r} but we are in ring {me.ring!r}")
         if self.expect_rank is not None and peer.rank != self.expect_rank:
             return self.mismatch(f"{who} connected where we expect rank {self.expect_rank}")
         if peer.size != me.size:
@@ -292,7 +334,7 @@ async def _linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    me: HandshakeInfo, secret: bytes, expect_rank: int | None,
+                    me: HandshakeInfo, secret: bytes, initiator: bool, expect_rank: int | None,
                     timeout: float, peer: str = "peer",
                     admit: Callable[[HandshakeInfo], str | None] | None = None) -> HandshakeInfo:
     """Run the handshake on a fresh connection; return the peer's verified claims.
@@ -302,9 +344,10 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     connection is gone), the connection is closed, and :class:`HandshakeError` is raised with the
     reason (``peer`` names the other side in messages); its ``retry`` attribute is True when
     the refusal said to come back later.  The whole exchange is bounded by ``timeout``
-    seconds.  ``admit``: see :class:`Handshake`.  Cancellation closes the connection.
+    seconds.  ``initiator``: True on the end that connected, False on the end that accepted.
+    ``admit``: see :class:`Handshake`.  Cancellation closes the connection.
     """
-    hs = Handshake(me, secret, expect_rank=expect_rank, admit=admit)
+    hs = Handshake(me, secret, initiator=initiator, expect_rank=expect_rank, admit=admit)
     decoder = FrameDecoder(max_frame=HANDSHAKE_MAX_FRAME, max_header=HANDSHAKE_MAX_FRAME)
     error: HandshakeError | None = None
     try:

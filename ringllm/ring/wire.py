@@ -57,9 +57,10 @@ _COPY_MAX = 16 * 1024
 # of int, so an int field given True is refused explicitly by the check below.
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # handshake (handshake.py)
-    "hello": {"magic": bytes, "v": int, "ring": str, "rank": int, "size": int,
-              "model": str, "plan": str, "nonce": bytes},
+    "hello": {"magic": bytes, "v": int, "nonce": bytes},
     "auth": {"mac": bytes},
+    "config": {"ring": str, "rank": int, "size": int, "model": str, "plan": str, "cfg": str,
+               "mac": bytes},
     "ready": {},
     "refuse": {"reason": str},
     # liveness (links.py)

@@ -332,7 +332,7 @@ def cmd_ring_init(args: argparse.Namespace) -> int:
 
 
 def _add_peer_flags(p: argparse.ArgumentParser) -> None:
-    """Which peer to ask: --peer or --ring/--rank, and how (TLS CA, API key); as `prompt` has them."""
+    """Which peer to ask: --peer or --ring/--rank, and how (TLS CA, API key): `prompt` and `chat`."""
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--peer", help="the peer's HTTP address host:port")
     where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
@@ -390,14 +390,7 @@ def make_parser() -> argparse.ArgumentParser:
     pe.set_defaults(func=cmd_peer)
 
     pr = sub.add_parser("prompt", help="stream a completion from any peer of a running ring")
-    where = pr.add_mutually_exclusive_group(required=True)
-    where.add_argument("--peer", help="the peer's HTTP address host:port")
-    where.add_argument("--ring", help="ring.toml (with --rank, default 0)")
-    pr.add_argument("--rank", type=int, default=0, help="with --ring: which peer to ask (default 0)")
-    pr.add_argument("--cacert", default=None, help="CA file to trust for an HTTPS peer (a ring.toml with [tls] "
-                                                    "brings its own)")
-    pr.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
-                    help="bearer key when the ring sets [http] api_key (default: $RINGLLM_API_KEY, or ring.toml's)")
+    _add_peer_flags(pr)
     pr.add_argument("--chat", action="store_true", help="the interactive chat: the same as 'ringllm chat'")
     add_generation_flags(pr, prompt_optional=True)
     pr.set_defaults(func=cmd_prompt)

@@ -696,11 +696,11 @@ def _nested(depth: int) -> Any:
 
 @pytest.fixture(scope="module")
 def inproc_ring(tiny_model_path):
-    """Two in-process peers of the tiny model, their HTTP on loopback (msgpack on the ring as
-    between processes)."""
+    """A live 3-peer ring of the tiny model in this process: TCP ring links and HTTP on
+    loopback, as between processes (the fuzz posts to rank 0, the canary asks rank 1)."""
     from tests.ring_thread import RingThread
 
-    with RingThread(peers=2, model=str(tiny_model_path), links="memory") as rt:
+    with RingThread(peers=3, model=str(tiny_model_path), links="tcp") as rt:
         yield rt
 
 

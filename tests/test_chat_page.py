@@ -256,3 +256,35 @@ async def test_a_message_typed_in_the_page_streams_its_reply_and_stop_cancels_on
         assert len(stopped_text) < 2000 * 3  # far from a full 2000-token story
         # The conversation goes on after a stop: both replies are kept.
         assert await b.js("JSON.parse(localStorage.getItem('ringllm.chat.v1')).messages.length") == 4
+
+
+@needs_chromium
+async def test_the_page_of_every_peer_of_ringllm_serve_streams_a_reply(tmp_path):
+    """Issue 14's acceptance: `ringllm serve --peers 3`, then the page of each peer, in a real
+    browser, gets a streamed answer (the same greedy text as the API gives)."""
+    from tests.test_serve import Serve, _free_run
+
+    port = _free_run(3)
+    serve = Serve("--peers", "3", "--port", str(port))
+    try:
+        serve.wait_for("ring up: 3 peer(s)")
+        async with Browser(tmp_path / "profile") as b:
+            for r in range(3):
+                address = f"127.0.0.1:{port + r}"
+                await b.open(f"http://{address}/")  # its own origin: a fresh conversation
+                await b.until("document.querySelectorAll('#peers .state').length === 3 && Array.from("
+                              "document.querySelectorAll('#peers .state')).every(e => e.textContent === 'ok')")
+                await b.js("document.getElementById('temperature').value = '0';"
+                           "document.getElementById('max_tokens').value = '16'")
+                question = "Say hello."
+                await b.type("input", question)
+                await b.click("send")
+                seen = await b.watch_reply()
+                assert len(seen) >= 2 and all(seen[k + 1].startswith(seen[k]) for k in range(len(seen) - 1)), (r, seen)
+                assert seen[-1] == _greedy_reply(address, question, 16), r
+    finally:
+        serve.proc.send_signal(signal.SIGINT)
+        try:
+            serve.proc.wait(60)
+        finally:
+            serve.close()

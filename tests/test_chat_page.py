@@ -180,6 +180,14 @@ class Browser:
         await self.click(element_id)
         await self.call("Input.insertText", text=text)
 
+    async def ask(self, question: str, max_tokens: int) -> list[str]:
+        """Greedy, at most ``max_tokens``: type ``question``, send it, and watch the reply."""
+        await self.js("document.getElementById('temperature').value = '0';"
+                      f"document.getElementById('max_tokens').value = '{max_tokens}'")
+        await self.type("input", question)
+        await self.click("send")
+        return await self.watch_reply()
+
     async def watch_reply(self) -> list[str]:
         """The last reply's text, sampled until the page is idle again (distinct values, in order)."""
         seen: list[str] = []
@@ -215,12 +223,8 @@ async def test_a_message_typed_in_the_page_streams_its_reply_and_stop_cancels_on
     async with Browser(tmp_path / "profile") as b:
         await b.open(f"http://{address}/")
         await b.until("document.querySelector('#peers .state')?.textContent === 'ok'")
-        await b.js("document.getElementById('temperature').value = '0';"
-                   "document.getElementById('max_tokens').value = '48'")
         question = "Name three colours of the rainbow."
-        await b.type("input", question)
-        await b.click("send")
-        seen = await b.watch_reply()
+        seen = await b.ask(question, 48)
         # The text grew while it streamed, over several steps, and what stayed is exactly
         # the greedy reply the API gives for the same conversation.
         assert len(seen) >= 3, seen
@@ -274,12 +278,8 @@ async def test_the_page_of_every_peer_of_ringllm_serve_streams_a_reply(tmp_path)
                 await b.open(f"http://{address}/")  # its own origin: a fresh conversation
                 await b.until("document.querySelectorAll('#peers .state').length === 3 && Array.from("
                               "document.querySelectorAll('#peers .state')).every(e => e.textContent === 'ok')")
-                await b.js("document.getElementById('temperature').value = '0';"
-                           "document.getElementById('max_tokens').value = '16'")
                 question = "Say hello."
-                await b.type("input", question)
-                await b.click("send")
-                seen = await b.watch_reply()
+                seen = await b.ask(question, 16)
                 assert len(seen) >= 2 and all(seen[k + 1].startswith(seen[k]) for k in range(len(seen) - 1)), (r, seen)
                 assert seen[-1] == _greedy_reply(address, question, 16), r
     finally:

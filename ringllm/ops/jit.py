@@ -103,9 +103,14 @@ FLOATS = (QT.F32, QT.F16, QT.BF16)
 # high nibble is read as ``b & 0xF0`` and x is scaled by 1/16 instead, exactly). Everything
 # stays in 32-bit lanes: numba types a shift of int32 as int64, and the 64-bit lanes LLVM then
 # used ran 2x slower (measured); bits of ``qh`` are masked with constants and scaled instead
-# (a branch-free select per bit measured slower again for Q6_K).
+# (a branch-free select per bit measured slower again for Q6_K). Every index is cast to
+# unsigned (``_U``): numba wraps a signed index that may be negative (``i < 0 ? i + n : i``,
+# per element), which turned jit_batch's vector loads of codes into byte-by-byte inserts; with
+# unsigned indices its decode ran 0.40 -> 0.10 ns/weight (Q4_1, one thread, L1-resident panel)
+# and the n = 8 product 0.55 -> 0.28 (docs/performance.md, "Unsigned indices"). gemv unchanged.
 
 _I = np.int32
+_U = np.uint64
 # Masks for the high bits (applied to the low 16 bits of qh, or to qh >> 16, so the masked value
 # is a small positive int32), and the powers of two that turn a masked field into its share of
 # the code: exact in float32.
@@ -120,31 +125,31 @@ _HI = np.array([16.0, 16.0, 1.0, 16.0], np.float32)  # by format: NIB4, NIB5, BY
 
 @njit(inline="always", **_JIT)
 def _pair_nib4(qs, qh, r, g, j):
-    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 16 + j])
+    b = _I(qs[_U(r >> 2), _U((g * 4 + (r & 3)) * 16 + j)])
     return _F32(b & _I(15)), _F32(b & _I(240))
 
 
 @njit(inline="always", **_JIT)
 def _pair_nib5(qs, qh, r, g, j):
-    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 16 + j])
-    h = _I(qh[r >> 2, g * 4 + (r & 3)])
-    lo = _F32(b & _I(15)) + _F32(h & _B1[j]) * _S1L[j]  # bit j, as 0 or 16
-    hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B1[j]) * _S1H[j]  # bit 16 + j, as 0 or 256
+    b = _I(qs[_U(r >> 2), _U((g * 4 + (r & 3)) * 16 + j)])
+    h = _I(qh[_U(r >> 2), _U(g * 4 + (r & 3))])
+    lo = _F32(b & _I(15)) + _F32(h & _B1[_U(j)]) * _S1L[_U(j)]  # bit j, as 0 or 16
+    hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B1[_U(j)]) * _S1H[_U(j)]  # bit 16 + j, as 0 or 256
     return lo, hi
 
 
 @njit(inline="always", **_JIT)
 def _pair_byte(qs, qh, r, g, j):
     k = (g * 4 + (r & 3)) * 32
-    return _F32(_I(qs[r >> 2, k + j])), _F32(_I(qs[r >> 2, k + 16 + j]))
+    return _F32(_I(qs[_U(r >> 2), _U(k + j)])), _F32(_I(qs[_U(r >> 2), _U(k + 16 + j)]))
 
 
 @njit(inline="always", **_JIT)
 def _pair_q6(qs, qh, r, g, j):
-    b = _I(qs[r >> 2, (g * 4 + (r & 3)) * 8 + j])
-    h = _I(qh[r >> 2, g * 4 + (r & 3)])
-    lo = _F32(b & _I(15)) + _F32(h & _B2[j]) * _S2L[j]  # bits 2j..2j+1, times 16
-    hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B2[j]) * _S2H[j]  # bits 16+2j.., times 256
+    b = _I(qs[_U(r >> 2), _U((g * 4 + (r & 3)) * 8 + j)])
+    h = _I(qh[_U(r >> 2), _U(g * 4 + (r & 3))])
+    lo = _F32(b & _I(15)) + _F32(h & _B2[_U(j)]) * _S2L[_U(j)]  # bits 2j..2j+1, times 16
+    hi = _F32(b & _I(240)) + _F32((h >> _I(16)) & _B2[_U(j)]) * _S2H[_U(j)]  # bits 16+2j.., times 256
     return lo, hi
 
 

@@ -12,9 +12,10 @@ run plain dot products whose vector sums are reduced once per whole row:
 2. dot every pair of those rows with every four rows of x (eight sums live in vector
    registers; each weight load is shared by four rows of x, each x load by two weight rows).
 
-Column order ("split"): a decoded row holds every group's first ``half`` values, then every
-group's second ``half`` (the codes' natural pairing, see ``jit._pair``); x is reordered the
-same way once per call (:func:`split_order`), and a dot product does not care about the order.
+A decoded row is in the matrix's own column order, so x goes in as it is. (An earlier
+version wrote every group's first ``half`` values, then every group's second, and reordered
+x to match on every call; with the unsigned indices of ``jit._pair`` the natural order
+vectorizes as well, and the copy of x is gone: docs/performance.md, "Unsigned indices".)
 Prefill uses the same decode (:func:`decode_rows`) for blocks of rows, then BLAS sgemm.
 
 Scratch per parallel block: ``PANEL * cols`` floats (24 KiB at cols 1536: L1-sized).
@@ -31,6 +32,7 @@ from ringllm.ops import jit
 from ringllm.ops.jit import BYTE, NIB4, NIB5, Q6, njit, prange
 
 _F32 = np.float32
+_U = np.uint64
 _JIT = dict(nogil=True, cache=True, fastmath=True)
 _JITP = dict(parallel=True, **_JIT)
 
@@ -39,36 +41,35 @@ PANEL = 4
 
 
 @njit(inline="always", **_JIT)
-def _decode_row(fmt, half, qs, qh, d, m, has_m, off, r, lo, hi):
-    """Row r of the codes as float32 (fastmath: see the module doc), in the split order:
-    lo[g*half + j] = value g*2*half + j, hi[g*half + j] = value g*2*half + half + j.
-    ``half`` is a runtime value here on purpose: with a literal, LLVM unrolls the group's
-    loop fully and then cannot vectorize it (the stores might alias the codes); as a loop
-    it vectorizes with a runtime alias check (measured 2-5x faster)."""
+def _decode_row(fmt, half, qs, qh, d, m, has_m, off, r, w):
+    """Row r of the codes as float32 (fastmath: see the module doc) into ``w`` (cols,), in
+    the matrix's own column order. ``half`` is a runtime value here on purpose: with a
+    literal, LLVM unrolls the group's loop fully and then cannot vectorize it (the stores
+    might alias the codes); as a loop it vectorizes with a runtime alias check (measured 2-5x
+    faster). Indices are unsigned for the reason given in jit (``_U``)."""
     inv_hi = _F32(1) / jit._HI[fmt]
     for g in range(d.shape[1]):
         dg = d[r, g]
         dh = dg * inv_hi
         mg = m[r, g] if has_m else -off * dg
+        x0 = _U(g * 2 * half)
         for j in range(half):
             cl, ch = jit._pair(fmt, qs, qh, r, g, j)
-            lo[g * half + j] = dg * cl + mg
-            hi[g * half + j] = dh * ch + mg
+            w[x0 + _U(j)] = dg * cl + mg
+            w[x0 + _U(half + j)] = dh * ch + mg
 
 
 @njit(inline="always", **_JIT)
 def _decode_rows(fmt, half, qs, qh, d, m, has_m, off, r0, k, w):
-    h = w.shape[1] // 2
     for t in range(k):
-        lo, hi = w[t, :h], w[t, h:]
         if fmt == NIB4:
-            _decode_row(NIB4, half, qs, qh, d, m, has_m, off, r0 + t, lo, hi)
+            _decode_row(NIB4, half, qs, qh, d, m, has_m, off, r0 + t, w[t])
         elif fmt == NIB5:
-            _decode_row(NIB5, half, qs, qh, d, m, has_m, off, r0 + t, lo, hi)
+            _decode_row(NIB5, half, qs, qh, d, m, has_m, off, r0 + t, w[t])
         elif fmt == BYTE:
-            _decode_row(BYTE, half, qs, qh, d, m, has_m, off, r0 + t, lo, hi)
+            _decode_row(BYTE, half, qs, qh, d, m, has_m, off, r0 + t, w[t])
         else:
-            _decode_row(Q6, half, qs, qh, d, m, has_m, off, r0 + t, lo, hi)
+            _decode_row(Q6, half, qs, qh, d, m, has_m, off, r0 + t, w[t])
 
 
 @njit(inline="always", **_JIT)
@@ -105,8 +106,7 @@ def _dots_2x1(w, a, b, x, i, out, r):
 
 @njit(**_JITP)
 def gemm_batch(fmt, half, qs, qh, d, m, off, x, out):
-    """out (n, rows) = x (n, cols) @ W.T for a few rows of x, x given in the split order
-    (:func:`split_order`): see the module doc."""
+    """out (n, rows) = x (n, cols) @ W.T for a few rows of x: see the module doc."""
     rows = d.shape[0]
     n, K = x.shape
     has_m = m.shape[0] == rows
@@ -125,17 +125,10 @@ def gemm_batch(fmt, half, qs, qh, d, m, off, x, out):
                     _dots_2x1(w, t, b, x, i, out, r0 + t)
 
 
-def split_order(x: np.ndarray, half: int) -> np.ndarray:
-    """x (n, cols) reordered as the decoded weights are: every group's first ``half`` values,
-    then every group's second ``half`` (a copy)."""
-    n, cols = x.shape
-    return np.ascontiguousarray(x.reshape(n, cols // (2 * half), 2, half).transpose(0, 2, 1, 3)).reshape(n, cols)
-
-
 @njit(**_JITP)
 def decode_rows(fmt, half, qs, qh, d, m, off, r0, out):
-    """Rows [r0, r0 + len(out)) as float32 in the split order (fastmath, see the module doc):
-    the fast dequantization for prefill's sgemm, whose x goes in the split order too."""
+    """Rows [r0, r0 + len(out)) as float32 (fastmath, see the module doc): the fast
+    dequantization before prefill's sgemm."""
     has_m = m.shape[0] == d.shape[0]
     nb = (out.shape[0] + jit.ROW_BLOCK - 1) // jit.ROW_BLOCK
     for blk in prange(nb):

@@ -152,7 +152,7 @@ class JitMatrix:
         qh = self._qh if self._qh is not None else _EMPTY_U32
         half = self._gs // 2  # a decode batch: each weight decoded once for all n rows (jit_batch)
         jit_batch.gemm_batch(self._fmt, half, self._qs, qh, self._d, m, self._off,
-                             jit_batch.split_order(x, half), out)
+                             x, out)
 
     def _gemm_blas(self, x: np.ndarray, out: np.ndarray) -> None:
         """Prefill: decode blocks of rows to float32 (compiled, threaded; jit_batch) and sgemm each."""
@@ -161,12 +161,11 @@ class JitMatrix:
         m = self._m if self._m is not None else _EMPTY
         qh = self._qh if self._qh is not None else _EMPTY_U32
         half = self._gs // 2
-        xp = jit_batch.split_order(x, half)  # the decoded rows' column order
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
             w = buf[: r1 - r0]
             jit_batch.decode_rows(self._fmt, half, self._qs, qh, self._d, m, self._off, r0, w)
-            np.matmul(xp, w.T, out=out[:, r0:r1])
+            np.matmul(x, w.T, out=out[:, r0:r1])
 
     def _dequant_into(self, r0: int, w: np.ndarray) -> None:
         m = self._m if self._m is not None else _EMPTY

@@ -46,7 +46,7 @@ from ringllm.ring.codec import CODECS, QK8_0, Codec, hadamard_rotate
 from ringllm.ring.links import JOIN_MAX, RingLinks
 from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, chunks, exchange_plan, segments, want
 from ringllm.ring.tcp import BlockingLink, lend_ring, take_back_ring
-from ringllm.ring.wire import Frame, encode_head
+from ringllm.ring.wire import Frame, as_bytes_view, encode_head
 
 __all__ = ["CHUNK_ELEMS", "SMALL_MAX_ELEMS", "Collectives"]
 
@@ -82,7 +82,8 @@ SPIN_SECONDS = 0.002
 
 # A collective as the I/O-free code both drivers run: a generator that writes frames to
 # ``Collectives._io`` (the links of the call, next then prev), yields the Want for each frame
-# it needs and is sent that frame, checked; it returns the collective's result.
+# it needs and is sent that frame, checked (only its payload when the Want carried the
+# frame's head); it returns the collective's result.
 Program = Generator[Want, Frame, Any]
 
 
@@ -114,6 +115,7 @@ class Collectives:
         self.small_max_elems = (SMALL_MAX_ELEMS.get(size, SMALL_MAX_DEFAULT)
                                 if small_max_elems is None else small_max_elems)
         self.chunk_elems = chunk_elems
+        self._plan = exchange_plan(rank, size) if size > 1 else ()  # the exchange's hops
         # Busy-wait (up to SPIN_SECONDS) for exchange frames on lent links instead of sleeping:
         # only right when this peer's waiting thread has a core of its own (see Peer).
         self.spin = spin
@@ -302,7 +304,8 @@ class Collectives:
                 wanted = next(steps)
                 while True:
                     link = links[wanted.side]
-                    wanted = steps.send(check_frame(link.peer, await link.recv(), seq, wanted))
+                    frame = check_frame(link.peer, await link.recv(), seq, wanted)
+                    wanted = steps.send(frame if wanted.head is None else frame.payload)
             except StopIteration as stop:
                 result = stop.value
             if self._must_drain() or self._borrowed:
@@ -332,14 +335,15 @@ class Collectives:
             try:
                 wanted = next(steps)
                 while True:
-                    side, _, _, _, nbytes, head, header = wanted
+                    side, _, _, _, nbytes, head = wanted
                     link = links[side]
-                    if head is not None:
-                        payload = link.recv_expected(head, nbytes, spin_until)
-                        if payload is not None:
-                            wanted = send(Frame("coll", header, payload))  # type: ignore[arg-type]
-                            continue
-                    wanted = send(check_frame(link.peer, link.recv_now(), seq, wanted))
+                    if head is None:
+                        wanted = send(check_frame(link.peer, link.recv_now(), seq, wanted))
+                        continue
+                    payload = link.recv_expected(head, nbytes, spin_until)
+                    if payload is None:
+                        payload = check_frame(link.peer, link.recv_now(), seq, wanted).payload
+                    wanted = send(payload)
             except StopIteration as stop:
                 return stop.value
             # Lent writes are complete when write returns: nothing to drain.
@@ -382,37 +386,36 @@ class Collectives:
     def _exchange(self, op: str, header: dict[str, Any], payload: Any, *, n: int | None = None,
                   nbytes: int | None = None) -> Generator[Want, Frame, list[tuple[str, Frame] | None]]:
         """Pass ``payload`` both ways round the ring along :func:`exchange_plan`, forwarding
-        what arrives; returns, by origin rank, the (link peer, frame) of the other P-1 vectors.
+        what arrives; returns, by origin rank, (link peer, what arrived) for the other P-1
+        vectors: their payloads when ``nbytes`` is given, else their frames.
 
-        With ``nbytes`` (every frame the same size, as in an all-reduce: same header all round)
-        the frames' heads are encoded once and a lent link compares bytes against them.
+        With ``nbytes`` (every frame the same size, as in an all-reduce: same header all round
+        but ``i``) the frames' heads are encoded once, a lent link compares bytes against them,
+        and only payloads travel between driver and program.
         """
         io, seq = self._io, self.seq
         hdr = {"s": seq, "i": 0, "o": op, **header}
-        heads: list[bytes] = []
-        headers: list[dict[str, Any]] = []
+        got: list[tuple[str, Any] | None] = [None] * self.size
         if nbytes is not None and nbytes <= JOIN_MAX:  # far below any frame size limit
-            for i in range(self.size // 2):
-                headers.append({**hdr, "i": i} if i else hdr)
-                heads.append(encode_head("coll", headers[i], nbytes))
+            payload = as_bytes_view(payload)  # once: write_head takes flat bytes
+            heads = [encode_head("coll", {**hdr, "i": i}, nbytes) for i in range(self.size // 2)]
             io[NEXT].write_head(heads[0], payload)
             if self.size > 2:
                 io[PREV].write_head(heads[0], payload)
-        else:
-            io[NEXT].write("coll", hdr, payload)
-            if self.size > 2:
-                io[PREV].write("coll", hdr, payload)
-        got: list[tuple[str, Frame] | None] = [None] * self.size
-        for side, origin, i, forward in exchange_plan(self.rank, self.size):
-            frame = yield (want(side, op, i, n, nbytes, heads[i], headers[i]) if heads
-                           else want(side, op, i, n, nbytes))
-            got[origin] = io[side].peer, frame
+            for side, origin, i, forward in self._plan:
+                data = yield want(side, op, i, n, nbytes, heads[i])
+                got[origin] = io[side].peer, data
+                if forward:
+                    io[1 - side].write_head(heads[i + 1], data)
+            return got
+        io[NEXT].write("coll", hdr, payload)
+        if self.size > 2:
+            io[PREV].write("coll", hdr, payload)
+        for side, origin, i, forward in self._plan:
+            frame = yield want(side, op, i, n, nbytes)
+            got[origin] = io[side].peer, (frame if nbytes is None else frame.payload)
             if forward:
-                out = io[1 - side]
-                if heads:
-                    out.write_head(heads[i + 1], frame.payload)
-                else:
-                    out.write("coll", {**frame.header, "i": i + 1}, frame.payload)
+                io[1 - side].write("coll", {**frame.header, "i": i + 1}, frame.payload)
         return got
 
     def _allreduce_program(self, n: int) -> Callable[[np.ndarray, Codec], Program]:
@@ -428,7 +431,7 @@ class Collectives:
         vals: list[Any] = [None] * self.size
         for r, g in enumerate(got):
             if g is not None:
-                vals[r] = decode(g[1].payload, n)
+                vals[r] = decode(g[1], n)
         # The sender uses exactly what the others decode (for an exact codec, its own array).
         vals[self.rank] = x if codec.exact else decode(payload, n)
         acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1

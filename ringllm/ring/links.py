@@ -194,6 +194,12 @@ class Link:
         return pings, None
 
     @property
+    def between_frames(self) -> bool:
+        """True when the inbox is empty and no byte of a next frame has been decoded: the next
+        bytes on the wire begin a frame nobody has seen (what ``recv_expected`` needs)."""
+        return not self._inbox and self._decoder.at_frame_start
+
+    @property
     def has_frame(self) -> bool:
         """True when ``recv`` would return a frame at once."""
         return bool(self._inbox)

@@ -9,7 +9,7 @@ frame passes; :func:`segments` and :func:`chunks` cut a vector for the ring algo
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ringllm.errors import RemoteProtocolError
 from ringllm.ring.wire import Frame
@@ -52,9 +52,10 @@ def exchange_plan(rank: int, size: int) -> tuple[Hop, ...]:
 class Want(NamedTuple):
     """The next frame a collective waits for: a ``coll`` frame on link ``side`` with op ``op``
     and index ``i`` (of the call's sequence number), naming ``n`` elements and carrying
-    ``nbytes`` of payload when those are given.  ``head`` (with ``header``, its decoded form)
-    is the frame's exact encoded prefix and header when known: a lent link can then compare
-    bytes instead of decoding (``tcp.BlockingLink.recv_expected``)."""
+    ``nbytes`` of payload when those are given.  ``head`` is the frame's exact encoded prefix
+    and header when known: a lent link can then compare bytes instead of decoding
+    (``tcp.BlockingLink.recv_expected``), and the program is sent the payload alone (the
+    frame holds nothing else it does not already know)."""
 
     side: int
     op: str
@@ -62,14 +63,13 @@ class Want(NamedTuple):
     n: int | None = None
     nbytes: int | None = None
     head: bytes | None = None
-    header: dict[str, Any] | None = None
 
 
 def want(side: int, op: str, i: int, n: int | None = None, nbytes: int | None = None,
-         head: bytes | None = None, header: dict[str, Any] | None = None) -> Want:
+         head: bytes | None = None) -> Want:
     """``Want(...)`` at a fifth of the cost of the NamedTuple's generated ``__new__`` (0.2 vs
     0.9 us on the bench box): the lent all-reduce makes one per frame on its hot path."""
-    return _new_tuple(Want, (side, op, i, n, nbytes, head, header))
+    return _new_tuple(Want, (side, op, i, n, nbytes, head))
 
 
 _new_tuple = tuple.__new__

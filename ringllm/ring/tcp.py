@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from ringllm.errors import LocalProtocolError, PeerLostError, RemoteProtocolError
-from ringllm.ring.links import Link, RingLinks, goodbye_error, write_chunks
-from ringllm.ring.wire import Frame, as_bytes_view, encode_frame, encode_frame_bytes
+from ringllm.ring.links import JOIN_MAX, Link, RingLinks, goodbye_error, write_chunks
+from ringllm.ring.wire import Frame, encode_frame, encode_frame_bytes
 
 __all__ = ["BlockingLink", "Pump", "StreamLink", "TcpLink", "lend_ring", "take_back_ring"]
 
@@ -285,9 +285,14 @@ class BlockingLink:
         head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
         self.write_encoded(*write_chunks(head, view))
 
-    def write_head(self, head: bytes, payload: Any) -> None:
-        """Send one frame whose prefix and header are already encoded (``wire.encode_head``)."""
-        self.write_encoded(*write_chunks(head, as_bytes_view(payload)))
+    def write_head(self, head: bytes, payload: bytes | memoryview) -> None:
+        """Send one frame whose prefix and header are already encoded (``wire.encode_head``);
+        ``payload`` is a flat byte buffer (``bytes``, or a memoryview from ``wire.as_bytes_view``
+        or a received frame), so the lent all-reduce joins it here without converting again."""
+        if len(payload) <= JOIN_MAX:
+            self.write_encoded(head + payload)
+        else:
+            self.write_encoded(head, payload)
 
     def write_encoded(self, *chunks: bytes | memoryview) -> None:
         """Send one frame already encoded (by ``wire.encode_frame``), in one or more chunks."""
@@ -298,8 +303,16 @@ class BlockingLink:
                 tail, self.tail = self.tail, b""
                 self._sendall(tail)
             for chunk in chunks:
-                self.link.bytes_sent += len(chunk)
-                self._sendall(chunk)
+                size = len(chunk)
+                self.link.bytes_sent += size
+                try:  # the usual case first: the whole chunk in one send (no memoryview, no loop)
+                    sent = self.sock.send(chunk)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise self.lost(f"connection error: {exc!r}") from None
+                if sent < size:
+                    self._sendall(memoryview(chunk)[sent:])
         self.link.last_tx = time.monotonic()
 
     def ping_from_loop(self) -> None:
@@ -361,7 +374,7 @@ class BlockingLink:
         deadline and silence rules and checks the frame field by field.
         """
         link = self.link
-        if self.error is not None or link.has_frame or not link.at_frame_start:
+        if self.error is not None or not link.between_frames:
             return None
         hl, total = len(head), len(head) + nbytes
         buf = memoryview(bytearray(total))

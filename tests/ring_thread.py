@@ -7,9 +7,10 @@ client, curl, raw sockets, subprocesses) and read the peers' counters directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from ringllm.local import LocalRing
 
@@ -68,6 +69,28 @@ class RingThread:
         """Run ``fn()`` on the ring's loop and return its result."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
+
+    @contextlib.contextmanager
+    def serving(self, app: Any) -> Iterator[str]:
+        """Serve the aiohttp ``app`` (say ``make_app(peer, api_key=...)``) from the ring's loop
+        on a free 127.0.0.1 port; yields its ``host:port``, stops it on exit."""
+        from aiohttp import web
+
+        from ringllm.ring.config import free_ports
+
+        port = free_ports(1)[0]
+
+        async def serve() -> web.AppRunner:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            return runner
+
+        runner = self.call(serve)
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            self.call(runner.cleanup)
 
     def wait_idle(self, timeout: float = 30) -> None:
         """Wait until no peer runs or queues a sequence."""

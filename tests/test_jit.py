@@ -11,7 +11,6 @@ thread count.
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 
 import numba
 import numpy as np
@@ -21,8 +20,8 @@ from gguf import GGMLQuantizationType as QT
 from ringllm.errors import ModelError, UnsupportedError
 from ringllm.ops import jit, jit_matrix, quant
 from ringllm.ops.kernels import Kernels, choose
-from tests.test_quant import (ALL, F16_SPECIALS, GQUANTIZE, amplitude, check_close, make_raw, oracle,
-                              same_bits)
+from tests.test_quant import (ALL, F16_SPECIALS, GQUANTIZE, amplitude, check_close,
+                              check_holds_no_reference_to_raw, make_raw, oracle, same_bits)
 
 
 @pytest.fixture(autouse=True)
@@ -104,18 +103,7 @@ def test_memory_per_gguf_byte(qtype):
 
 
 def test_holds_no_reference_to_raw(tmp_path):
-    rng = np.random.default_rng(0)
-    raw = make_raw(QT.Q5_K, 64, 256, "random", rng)
-    path = tmp_path / "w.bin"
-    raw.tofile(path)
-    mm = np.memmap(path, np.uint8, "r", shape=raw.shape)
-    m = jit_matrix.JitMatrix.from_raw(QT.Q5_K, mm[10:50], 40, 256)
-    for v in vars(m).values():
-        if isinstance(v, np.ndarray):
-            assert not np.shares_memory(v, mm)
-    del mm
-    gc.collect()
-    assert same_bits(m.dequantize(), oracle(QT.Q5_K, raw[10:50], 40, 256))
+    check_holds_no_reference_to_raw(jit_matrix.JitMatrix.from_raw, QT.Q5_K, "random", tmp_path)
 
 
 def test_rows_done_reports_copied_rows_in_order():

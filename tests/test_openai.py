@@ -163,28 +163,14 @@ def test_async_client_concurrent_streams_on_all_peers(ring, model_id):
 
 
 def test_api_key_through_the_openai_client(ring, model_id):
-    from aiohttp import web
-
-    from ringllm.ring.config import free_ports
     from ringllm.http.app import make_app
 
-    port = free_ports(1)[0]
-
-    async def serve():
-        runner = web.AppRunner(make_app(ring.peers[1], api_key="k-123"), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    runner = ring.call(serve)
-    try:
-        bad = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0)
+    with ring.serving(make_app(ring.peers[1], api_key="k-123")) as address:
+        bad = openai.OpenAI(base_url=f"http://{address}/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.chat.completions.create(model=model_id, messages=HI, max_tokens=2)
-        good = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)
+        good = openai.OpenAI(base_url=f"http://{address}/v1", api_key="k-123", max_retries=0)
         assert good.chat.completions.create(model=model_id, messages=HI, max_tokens=2).usage.completion_tokens >= 1
-    finally:
-        ring.call(runner.cleanup)
 
 
 def _doc_curl_commands() -> list[str]:

@@ -223,21 +223,27 @@ def test_concurrent_callers_use_their_own_buffers():
             assert all(same_bits(a, b) for a, b in zip(got, want))
 
 
-def test_holds_no_reference_to_raw(tmp_path):
-    rng = np.random.default_rng(0)
-    raw = make_raw(QT.Q4_1, 64, 256, "normal", rng)
+def check_holds_no_reference_to_raw(from_raw, qtype, mode: str, tmp_path) -> None:
+    """A matrix built by ``from_raw`` from rows of a file map keeps no array on the map (the
+    loader releases the map's pages), and still multiplies right once the map is gone.
+    Both kernel families' tests call it."""
+    raw = make_raw(qtype, 64, 256, mode, np.random.default_rng(0))
     path = tmp_path / "w.bin"
     raw.tofile(path)
     mm = np.memmap(path, np.uint8, "r", shape=raw.shape)
     sliced = mm[10:50]  # callers pass row (or block-aligned column) slices of the mmap
-    m = quant.QuantMatrix.from_raw(QT.Q4_1, sliced, 40, 256)
+    m = from_raw(qtype, sliced, 40, 256)
     for v in vars(m).values():
         if isinstance(v, np.ndarray):
             assert not np.shares_memory(v, mm)
             assert v.base is None or not isinstance(v.base, np.memmap)
     del sliced, mm
     gc.collect()
-    assert same_bits(m.dequantize(), oracle(QT.Q4_1, raw[10:50], 40, 256))
+    assert same_bits(m.dequantize(), oracle(qtype, raw[10:50], 40, 256))
+
+
+def test_holds_no_reference_to_raw(tmp_path):
+    check_holds_no_reference_to_raw(quant.QuantMatrix.from_raw, QT.Q4_1, "normal", tmp_path)
 
 
 def test_rows_done_reports_copied_rows_in_order(monkeypatch_tiles):

@@ -334,22 +334,9 @@ def test_metrics_render_without_traffic(tiny_ring):
 
 
 def test_api_key(tiny_ring):
-    from aiohttp import web
-
-    from ringllm.ring.config import free_ports
     from ringllm.http.app import make_app
 
-    port = free_ports(1)[0]
-
-    async def serve():
-        runner = web.AppRunner(make_app(tiny_ring.peers[0], api_key="sekrit-key"), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    runner = tiny_ring.call(serve)
-    try:
-        address = f"127.0.0.1:{port}"
+    with tiny_ring.serving(make_app(tiny_ring.peers[0], api_key="sekrit-key")) as address:
         body = {"prompt": "the", "max_tokens": 1}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit-key"}):
             status, hdrs, reply = post(address, "/v1/completions", body, headers=headers)
@@ -361,8 +348,6 @@ def test_api_key(tiny_ring):
         assert status == 200, reply
         assert get(address, "/health")[0] == 200  # monitoring needs no key
         assert get(address, "/metrics")[0] == 200
-    finally:
-        tiny_ring.call(runner.cleanup)
 
 
 def test_cut_before_the_first_token_frees_the_slot(tiny_ring):

@@ -347,7 +347,7 @@ class Collectives:
             except StopIteration as stop:
                 return stop.value
             # Lent writes are complete when write returns: nothing to drain.
-        except BaseException as exc:
+        except BaseException as exc:  # as in _run: a context manager would add 1.3 us a call
             self._broken = exc
             raise
         finally:

@@ -1,7 +1,7 @@
 """Each peer's peak memory and file reads for its shard of a P-peer plan: one JSON line per peer.
 
     python bench/load_rss.py [--model qwen2.5-coder-1.5b] [--peers 4] [--threads 1] [--tokens 16]
-                             [--fixed-mb 164.4] [--factor 1.35] [--warm]
+                             [--fixed-mb MB] [--factor 1.35] [--warm] [--fixed-only]
 
 1. ``read``, per rank, each in a fresh process of its own, one rank at a time: the model file is
    dropped from the page cache first (``posix_fadvise(DONTNEED)``; ``cached_mb_before`` is what
@@ -29,13 +29,18 @@
    each), one greedy request of a 64-token prompt and ``--tokens`` generated, then each peer's
    VmHWM (its peak RSS, loading included).
 
-0. ``fixed``: in a fresh process, RSS after ``import numpy``, after ``import numba``, and with the
-   kernels loaded and run once (``runtime.set_threads``), to check the fixed cost below.
+0. ``fixed``: the per-process cost that does not grow with a peer's share, for this model: in a
+   fresh process, in a peer's order, RSS after ``import numpy``, after ``import numba``, with
+   everything a peer imports (what ``launch.serve_peer`` imports: the peer, the ring, the HTTP
+   server, uvloop), with the model opened (``runtime.open_model``: header, metadata, tokenizer;
+   no weights) and with the kernels loaded and run once (``runtime.set_threads``):
+   ``fixed_mb``, the RSS at that point. It depends on the
+   model through its vocabulary (docs/performance.md states it per known model).
 
 Then one line per peer: ``share_bytes`` (= slice_bytes), ``peak_rss``, ``limit`` = share_bytes x
-``--factor`` + ``--fixed-mb`` (the per-process fixed cost in docs/performance.md: 27.0 MB for
-Python with numpy plus 137.4 MB for numba's compiled kernels loaded and run), ``within_limit``,
-and the read figures. Run as root for the cache drop of a file you do not own.
+``--factor`` + the fixed cost (``fixed_mb`` measured above, or ``--fixed-mb``), ``within_limit``,
+and the read figures. ``--fixed-only`` stops after part 0. Run as root for the cache drop of a
+file you do not own.
 """
 
 from __future__ import annotations
@@ -59,9 +64,6 @@ sys.path.insert(0, str(HERE))
 
 MB = 1 << 20
 PAGE = mmap.PAGESIZE
-# docs/performance.md, "The compiled kernels": RSS of `import numpy` 27.0 MB, and 137.4 MB above
-# it once the numba kernels are loaded from the cache and run.
-FIXED_MB = 27.0 + 137.4
 # The numba layout holds Q4_K at 1.33 and Q6_K at 1.22 times its GGUF bytes (tests/test_jit.py).
 FACTOR = 1.35
 
@@ -223,19 +225,27 @@ import numpy
 base = rss()
 import numba
 nb = rss()
+import uvloop  # everything a peer process imports (launch.serve_peer): the loop, peer, ring, HTTP
+import ringllm.launch, ringllm.http.app, ringllm.http.serve, ringllm.http.joining, ringllm.peer
+import ringllm.ring.formation, ringllm.ring.handshake, ringllm.ring.tls
 from ringllm import runtime
-runtime.set_threads(1)  # the numba kernels, loaded from the cache and each run once
+imp = rss()
+info, mf = runtime.open_model(sys.argv[2])  # header, metadata, tokenizer: no weights
+opened = rss()
+runtime.set_threads(1)  # then the numba kernels, loaded from the cache and each run once, as a peer does
 k = rss()
 print(json.dumps({"numpy_rss_mb": round(base, 1), "numba_import_above_numpy_mb": round(nb - base, 1),
-                  "kernels_above_numpy_mb": round(k - base, 1), "kernels_rss_mb": round(k, 1)}))
+                  "peer_imports_mb": round(imp - nb, 1), "model_opened_mb": round(opened - imp, 1),
+                  "kernels_mb": round(k - opened, 1), "fixed_mb": round(k, 1)}))
 """
 
 
-def measure_fixed() -> dict:
-    out = subprocess.run([sys.executable, "-c", FIXED_SCRIPT, str(HERE.parent)],
+def measure_fixed(model_path: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", FIXED_SCRIPT, str(HERE.parent), model_path],
                          check=True, capture_output=True, text=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
-    print(json.dumps({"bench": "load_rss", "part": "fixed", **row}), flush=True)
+    print(json.dumps({"bench": "load_rss", "part": "fixed", "model": os.path.basename(model_path), **row}),
+          flush=True)
     return row
 
 
@@ -276,7 +286,9 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="compute threads per peer")
     ap.add_argument("--tokens", type=int, default=16, help="tokens the ring generates before RSS is read")
-    ap.add_argument("--fixed-mb", type=float, default=FIXED_MB, help="fixed per-process cost of the limit")
+    ap.add_argument("--fixed-mb", type=float, default=None,
+                    help="fixed per-process cost of the limit (default: as measured in part 0)")
+    ap.add_argument("--fixed-only", action="store_true", help="measure the fixed cost only")
     ap.add_argument("--factor", type=float, default=FACTOR, help="the limit's multiple of the share")
     ap.add_argument("--warm", action="store_true", help="do not drop the model file from the page cache")
     ap.add_argument("--read-worker", default=None, help=argparse.SUPPRESS)
@@ -290,18 +302,22 @@ def main() -> None:
     from ringllm.fetch import resolve_model
 
     model_path = str(resolve_model(a.model))
-    measure_fixed()
+    fixed = measure_fixed(model_path)
+    if a.fixed_only:
+        return
+    fixed_mb = fixed["fixed_mb"] if a.fixed_mb is None else a.fixed_mb
     reads = measure_reads(model_path, a.peers, a.threads, a.warm)
     rss = measure_rss(model_path, a.peers, a.threads, a.tokens)
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
     for rank, (rd, peak) in enumerate(zip(reads, rss)):
         share = rd["slice_bytes"]
-        limit = share * a.factor / MB + a.fixed_mb
+        limit = share * a.factor / MB + fixed_mb
         print(json.dumps({
             "bench": "load_rss", "model": os.path.basename(model_path), "peers": a.peers, "rank": rank,
             "file_bytes": os.path.getsize(model_path), "share_bytes": share, "peak_rss_mb": peak,
             "limit_mb": round(limit, 1), "within_limit": peak <= limit,
-            "limit": f"share x {a.factor} + {a.fixed_mb} MB",
+            "limit": f"share x {a.factor} + {fixed_mb} MB",
+            "weights_bytes": rd["weights_bytes"], "peak_above_weights_mb": round(peak - rd["weights_bytes"] / MB, 1),
             "copied_bytes": rd["copied_bytes"], "page_bytes": rd["page_bytes"],
             "disk_read_bytes": rd["disk_read_bytes"], "open_disk_read_bytes": rd["open_disk_read_bytes"],
             "rchar": rd["rchar"], "cached_mb_before": rd["cached_mb_before"], "machine": machine,

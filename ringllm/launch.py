@@ -188,16 +188,19 @@ async def _load(cfg: RingConfig, rank: int, threads: int, kernels: str | None):
     """rank's shard of ring.toml's model: (model, info, plan, chosen kernels)."""
     from ringllm import runtime
 
-    # In threads (compiling the kernels or fetching the model takes minutes): /health answers.
-    chosen = await asyncio.to_thread(runtime.set_threads, threads, kernels or cfg.kernels,
-                                     lambda m: log.warning("rank %d: %s", rank, m))
-    log.info("rank %d: %s kernels on %d thread(s)", rank, chosen.family, threads)
+    # In threads (fetching the model or compiling the kernels takes minutes): /health answers.
     t0 = time.perf_counter()
     path = await asyncio.to_thread(resolve_model, cfg.model_for(rank),
                                    progress=lambda m: log.info("rank %d: %s", rank, m))
     if cfg.model_sha256 and (digest := await asyncio.to_thread(file_sha256, path)) != cfg.model_sha256:
         raise ModelError(f"rank {rank}: model file {path} has sha256 {digest}, but {cfg.source} says {cfg.model_sha256}")
+    # The tokenizer before the kernels: numba's long-lived objects then fill the holes its
+    # build left in the heap (qwen2.5-coder-1.5b: 227 MB resident after both, 240 the other
+    # way round; docs/performance.md, "Loading a shard").
     info, mf = await asyncio.to_thread(runtime.open_model, str(path))
+    chosen = await asyncio.to_thread(runtime.set_threads, threads, kernels or cfg.kernels,
+                                     lambda m: log.warning("rank %d: %s", rank, m))
+    log.info("rank %d: %s kernels on %d thread(s)", rank, chosen.family, threads)
     plan = runtime.make_plan(info, cfg.weights)
     model = await asyncio.to_thread(runtime.load_model, mf, plan, rank, max_len=cfg.context_length)
     mf.close()

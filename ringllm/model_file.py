@@ -145,15 +145,22 @@ class ModelFile:
         (docs/performance.md has the figures)."""
         return file_sha256(self.path)
 
+    def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Start reading a tensor (or its rows [r0, r1)) from disk: call before copying it."""
+        self._pages(self._file.prefetch, name, rows)
+
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Drop the pages of a tensor (or of its rows [r0, r1)) that has been copied from our
         resident memory."""
+        self._pages(self._file.release, name, rows)
+
+    def _pages(self, advise: Any, name: str, rows: tuple[int, int] | None) -> None:
         t = self._file.tensors[name]
         if rows is None:
-            self._file.release(t)
+            advise(t)
         else:
             row_bytes = self.tensors[name].raw.shape[1]
-            self._file.release(t, rows[0] * row_bytes, rows[1] * row_bytes)
+            advise(t, rows[0] * row_bytes, rows[1] * row_bytes)
 
     def drop_vocabulary(self) -> None:
         """Forget the large vocabulary arrays in ``metadata`` once the tokenizer is built."""

@@ -201,7 +201,7 @@ class Tokenizer:
         if spec is None:
             raise UnsupportedError(f"tokenizer.ggml.pre {self.pre!r} is not supported "
                                    f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-        self._bpe: Any = _build_bpe(self._tokens, _need(meta, "tokenizer.ggml.merges"), spec)
+        self._bpe: Any = _build_bpe(self._to_id, _need(meta, "tokenizer.ggml.merges"), spec)
         self._spm: _Spm | None = None
         self.add_space_prefix = False  # llama.cpp never prefixes BPE text, whatever the key says
         self._bytes = _Packed(_bpe_token_bytes(self._tokens, self._types))
@@ -455,12 +455,13 @@ class _Spm:
         return [self._unk]  # one <unk> per unknown symbol, as SentencePiece does
 
 
-def _build_bpe(tokens: Sequence[str], merges: Sequence[Any], spec: _Pre) -> Any:
+def _build_bpe(vocab: dict[str, int], merges: Sequence[Any], spec: _Pre) -> Any:
+    """The byte-level BPE of ``vocab`` (text -> id, the tokenizer's own map: not copied, to
+    keep a 152k-token vocabulary's build peak down) and the GGUF's merges."""
     from tokenizers import Regex
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(tokens)}
     pairs = []
     for k, m in enumerate(merges):
         m = _as_str(m)

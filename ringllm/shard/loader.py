@@ -161,6 +161,13 @@ def load_shard(model: ModelFile, shard: PeerShard, kernels: Kernels | None = Non
         t = lambda part: model.tensor(f"blk.{i}.{part}.weight")  # noqa: E731
         opt = lambda name, on: vec(f"blk.{i}.{name}") if on else None  # noqa: E731
         q_rows, kv_rows = (h0 * hd, h1 * hd), (k0 * hd, k1 * hd)
+        # Read from disk only what is copied below: the row slices of the column-parallel
+        # matrices, all of the rest (a row-parallel matrix's column slice touches every page).
+        sliced = {f"blk.{i}.{p}.weight": r for p, r in (("attn_q", q_rows), ("attn_k", kv_rows),
+                  ("attn_v", kv_rows), ("ffn_gate", (f0, f1)), ("ffn_up", (f0, f1)))}
+        for name in c.layer_tensors(i):
+            if h1 > h0 or name.split(".")[2] not in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                model.prefetch(name, sliced.get(name))
         qkv = qkv_bias = None
         if h1 > h0:
             qkv = Projection([(t("attn_q"), q_rows), (t("attn_k"), kv_rows), (t("attn_v"), kv_rows)], kernels)
@@ -187,11 +194,14 @@ def load_shard(model: ModelFile, shard: PeerShard, kernels: Kernels | None = Non
         # The biggest tensors (28 MB for SmolLM2): drop file pages as the rows are repacked,
         # or they would sit in RSS next to their copy (measured: +30 MB peak at P=1).
         info = model.tensor(name)
+        model.prefetch(name, (v0, v1))
         return kernels.matrix(info.qtype, np.ascontiguousarray(info.raw[v0:v1]), v1 - v0, info.cols,
                                     rows_done=lambda r: model.release(name, (v0, v0 + r)))
 
     release_free_memory()  # the layers' load temporaries, before the biggest matrix arrives
     embed = vocab_rows("token_embd.weight")
+    if not c.tied_embeddings:
+        release_free_memory()  # the embedding's repacking temporaries, likewise
     output = embed if c.tied_embeddings else vocab_rows("output.weight")
     for name in ("token_embd.weight", "output.weight"):
         if model.has(name):

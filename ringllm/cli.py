@@ -79,7 +79,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ringllm.fetch import cache_dir, cached_files
+    from ringllm.fetch import cached_files
+    from ringllm.paths import cache_dir
 
     _print_known_models()
     files = cached_files()

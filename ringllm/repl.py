@@ -3,7 +3,7 @@
 At a terminal it is a REPL:
 
 - line editing and history through :mod:`readline` where Python has it; the history is kept
-  in ``chat_history`` in the ringllm cache directory (:func:`ringllm.fetch.cache_dir`);
+  in ``chat_history`` in the ringllm cache directory (:func:`ringllm.paths.cache_dir`);
 - Ctrl-C during a reply stops that reply only (leaving the request cancels it on the ring);
   the part already shown stays in the conversation. Ctrl-C at the prompt clears the line;
   Ctrl-D or ``/bye`` ends the chat (exit status 0);
@@ -260,7 +260,7 @@ def _open_history() -> Callable[[], None] | None:
         import readline
     except ImportError:
         return None
-    from ringllm.fetch import cache_dir
+    from ringllm.paths import cache_dir
 
     path = cache_dir() / "chat_history"
     readline.set_history_length(HISTORY_LINES)

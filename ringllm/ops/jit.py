@@ -59,7 +59,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ringllm.fetch import cache_dir as _ringllm_cache
+from ringllm.paths import cache_dir as _ringllm_cache
 
 # numba must pick a thread-safe layer before the first parallel kernel compiles: the default
 # workqueue layer aborts when two Python threads (two peers in one test process, a pipelined

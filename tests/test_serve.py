@@ -163,6 +163,14 @@ def test_status_tells_joining_up_and_down_apart(tmp_path, tiny_model_path):
         code, rows = _status(ring)
         assert code == 1 and [r["state"] for r in rows] == ["joining", "down"]
         assert f"waiting for rank 1 ({ring.cfg.peers[1].address})" in rows[0]["last_error"]
+        # The chat page is served while joining (it then shows the peer's state); the API is not.
+        for path, kind in (("/", "text/html"), ("/static/chat.js", "javascript")):
+            with urllib.request.urlopen(f"http://{ring.http(0)}{path}", timeout=5) as resp:
+                assert resp.status == 200 and kind in resp.headers["Content-Type"], (path, resp.headers)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://{ring.http(0)}/v1/models", timeout=5)
+        assert err.value.code == 503
+        assert json.loads(err.value.read())["error"]["code"] == "joining"
         # Said in the log without -v, again while the wait lasts.
         ring.wait_log(0, r"forming the ring: waiting for rank 1 \(127\.0\.0\.1:\d+\) for \d+ s")
         ring.start(1)

@@ -1,8 +1,10 @@
 """A peer's HTTP before its ring first forms: the port is bound before anything else, and
 ``/health`` answers at once while the model loads and the ring forms.
 
-While starting, every route answers 503: ``/health`` with the peer's state (llama-server
-answers its "loading model" the same way), the others with an OpenAI-shaped error::
+While starting, the chat page (``/`` and its ``/static/`` files) is served as usual, so a page
+opened early shows the peer loading or joining; every other route answers 503: ``/health``
+with the peer's state (llama-server answers its "loading model" the same way), the others
+(the API, the page's own calls included) with an OpenAI-shaped error::
 
     {"status": "loading" | "joining", "rank": 1, "size": 3, "since": 1733350000.0,
      "waiting_for": [{"rank": 2, "address": "127.0.0.1:7702", "since": 1733350003.1, "seconds": 4.2}],
@@ -24,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from ringllm.errors import ConfigError
+from ringllm.http.page import add_page_files
 from ringllm.ring.formation import FormationProgress
 
 
@@ -76,7 +79,8 @@ def waiting_text(waiting: list[dict[str, Any]]) -> str:
 
 
 def make_joining_app(state: StartupState) -> web.Application:
-    """The app served while starting: 503 everywhere, ``/health`` saying why (see module doc)."""
+    """The app served while starting: the chat page, else 503 with ``/health`` saying why
+    (see module doc)."""
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(state.health(), status=503, headers={"Retry-After": "1"})
@@ -88,5 +92,6 @@ def make_joining_app(state: StartupState) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/health", health)
+    add_page_files(app)
     app.router.add_route("*", "/{tail:.*}", unavailable)
     return app

@@ -71,6 +71,12 @@ def add_routes(app: web.Application, health: Callable[[Any], dict[str, Any]],
     the HTTP ``host:port`` of every peer in rank order (empty: the view shows this peer only)."""
     app[RING_KEY] = tuple(ring_addresses)
     app[HEALTH_KEY] = health
+    add_page_files(app)
+    app.router.add_get("/ringllm/v1/ring", handle_ring)
+
+
+def add_page_files(app: web.Application) -> None:
+    """``/`` and ``/static/*`` alone: also served while the peer starts (``joining.py``), so a
+    page opened then shows the peer loading or joining (its API calls answer 503 meanwhile)."""
     app.router.add_get("/", handle_index)
     app.router.add_static(PUBLIC_PREFIX, STATIC, follow_symlinks=False, append_version=False)
-    app.router.add_get("/ringllm/v1/ring", handle_ring)

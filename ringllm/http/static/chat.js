@@ -8,7 +8,7 @@ const STORE = "ringllm.chat.v1";      // localStorage: the conversation and the 
 const FIELDS = ["system", "temperature", "top_p", "max_tokens", "seed", "api_key"];
 const RING_POLL_MS = 3000;            // the ring view's refresh; each poll asks every peer once
 
-const chat = { messages: [], controller: null };
+const chat = { messages: [], controller: null, model: null };  // model: known once /v1/models answered
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -216,6 +216,7 @@ async function pollRing() {
     if (!resp.ok) throw new Error(await errorText(resp));
     const ring = await resp.json();
     $("peers").replaceChildren(...ring.peers.map((p) => peerRow(p, ring.self)));
+    if (!chat.model) showModel();  // the page was opened while the peer was starting
   } catch (e) {
     const li = document.createElement("li");
     li.className = "down";
@@ -229,8 +230,10 @@ async function showModel() {
     const resp = await fetch("/v1/models", { headers: headers() });
     if (!resp.ok) throw new Error(await errorText(resp));
     const models = await resp.json();
-    $("model").textContent = "model: " + models.data[0].id;
+    chat.model = models.data[0].id;
+    $("model").textContent = "model: " + chat.model;
   } catch (e) {
+    chat.model = null;
     $("model").textContent = "model: ? (" + e.message + ")";
   }
 }

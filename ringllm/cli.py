@@ -157,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ringllm.launch import run_serve
 
     return run_serve(args.peers, args.model, port=args.port, threads=args.threads, kernels=args.kernels,
-                     say=_progress)
+                     host=args.host, api_key_env=args.api_key_env, say=_progress)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -373,6 +373,12 @@ def make_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default=None, help=f"known model name or GGUF path (default: {DEFAULT_MODEL})")
     sv.add_argument("--port", type=int, default=DEFAULT_SERVE_PORT,
                     help=f"HTTP port of rank 0; rank r serves on port + r (default {DEFAULT_SERVE_PORT})")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="the address the peers' HTTP listens on (default 127.0.0.1; 0.0.0.0: every "
+                         "interface); the ring's own links stay on 127.0.0.1")
+    sv.add_argument("--api-key-env", default=None, metavar="VAR",
+                    help="require the API key held in environment variable VAR (clients send "
+                         "'Authorization: Bearer KEY'); advised with any --host beyond loopback")
     sv.add_argument("--threads", type=int, default=None,
                     help="compute threads per peer (default: this machine's cores shared out among the peers)")
     sv.add_argument("--kernels", choices=KERNEL_FAMILIES, default="auto",

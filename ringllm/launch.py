@@ -366,29 +366,52 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 # -- ringllm serve --peers N -------------------------------------------------------------------
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_WILDCARD = ("0.0.0.0", "::")
+
+
+def serve_ring_toml(n: int, model: str, *, port: int, kernels: str = "auto", host: str = "127.0.0.1",
+                    api_key_env: str | None = None) -> str:
+    """The ring.toml ``ringllm serve`` runs: ``n`` peers on 127.0.0.1 (ring links), HTTP on
+    ``host`` at ``port``, ``port + 1``, ..., with the API key from ``$api_key_env`` if given."""
+    http = [f'host = "{host}"'] + ([f'api_key_env = "{api_key_env}"'] if api_key_env else [])
+    return (f'kernels = "{kernels}"\n' + init_ring_toml(n, name="serve", model=model, http_ports=[port + r for r in range(n)])
+            + "\n[http]\n" + "\n".join(http) + "\n")
+
+
 def run_serve(n: int, model: str | None, *, port: int, threads: int | None = None, kernels: str = "auto",
+              host: str = "127.0.0.1", api_key_env: str | None = None,
               say: Callable[[str], Any] = print, ready: Callable[[], Any] | None = None) -> int:
-    """Run ``n`` peer processes of ``model`` on 127.0.0.1, HTTP on ``port``, ``port + 1``, ...,
-    until Ctrl-C or SIGTERM (returns 0), or until a peer exits (RingError naming it). Peers
-    log to our stderr; ``say`` gets our own lines (the URLs, then "ring up"). Every HTTP port is
-    checked first (a busy one is a ConfigError naming it, before any peer starts). The peers
-    die with us even if we are killed (SIGTERM from the kernel: PR_SET_PDEATHSIG)."""
+    """Run ``n`` peer processes of ``model`` on this machine, HTTP on ``host`` at ``port``,
+    ``port + 1``, ... (ring links on 127.0.0.1), until Ctrl-C or SIGTERM (returns 0), or until a
+    peer exits (RingError naming it). Peers log to our stderr; ``say`` gets our own lines (the
+    URLs, then "ring up"). Every HTTP port is checked first (a busy one is a ConfigError naming
+    it, before any peer starts), and ``$api_key_env`` too. HTTP beyond loopback without an API
+    key is served with a warning saying so (docs/security.md). The peers die with us even if
+    we are killed (SIGTERM from the kernel: PR_SET_PDEATHSIG)."""
     from ringllm.http.joining import bind_http
 
     if n < 1:
         raise ConfigError(f"--peers must be at least 1, got {n}")
     if not 1 <= port <= 65536 - n:
         raise ConfigError(f"--port must leave room for {n} ports in 1..65535, got {port}")
+    if not host or any(c in host for c in '"\\ \n'):
+        raise ConfigError(f"--host must be a host name or address, got {host!r}")
+    if api_key_env is not None and not os.environ.get(api_key_env):
+        raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set")
     for r in range(n):
-        bind_http("127.0.0.1", port + r, r).close()
+        bind_http(host, port + r, r).close()
     model = str(resolve_model(model, progress=say))
     threads = threads or default_threads(n)
     stop = _SignalStop()
     with tempfile.TemporaryDirectory(prefix="ringllm-serve-") as tmp, stop:
         ring_path = Path(tmp) / "ring.toml"
-        ring_path.write_text(f'kernels = "{kernels}"\n' + init_ring_toml(n, name="serve", model=model,
-                                                                       http_ports=[port + r for r in range(n)]))
+        ring_path.write_text(serve_ring_toml(n, model, port=port, kernels=kernels, host=host, api_key_env=api_key_env))
         cfg = load_ring(ring_path)
+        if host not in _LOOPBACK and api_key_env is None:
+            say(f"warning: HTTP on {host} without an API key: anyone who can reach these ports can "
+                "generate text (--api-key-env VAR sets one; docs/security.md)")
+        shown = "127.0.0.1" if host in _WILDCARD else (f"[{host}]" if ":" in host else host)
         procs: list[subprocess.Popen] = []
         try:
             for r in range(n):
@@ -397,9 +420,11 @@ def run_serve(n: int, model: str | None, *, port: int, threads: int | None = Non
                      "--threads", str(threads)], stdin=subprocess.DEVNULL, start_new_session=True,
                     preexec_fn=_die_with_parent))
             for p in cfg.peers:
-                say(f"rank {p.rank}: http://127.0.0.1:{p.http_port}/  (chat page; OpenAI API at "
-                    f"http://127.0.0.1:{p.http_port}/v1)")
-            _wait_healthy(cfg, procs, Path(tmp), timeout=900.0)
+                say(f"rank {p.rank}: http://{shown}:{p.http_port}/  (chat page; OpenAI API at "
+                    f"http://{shown}:{p.http_port}/v1)")
+            if host in _WILDCARD:
+                say(f"listening on every interface ({host}): from elsewhere use this machine's address")
+            _wait_healthy(cfg, procs, Path(tmp), timeout=900.0, hosts=[shown] * n)
             say(f"ring up: {n} peer(s) of {Path(model).name}, {threads} thread(s) each; Ctrl-C stops them")
             if ready is not None:
                 ready()

@@ -312,3 +312,45 @@ def test_serve_refuses_a_busy_port_and_its_peers_die_with_it(tiny_model_path):
         assert not alive, f"orphan peers: {alive}"
     finally:
         serve.close()
+
+
+def test_serve_host_and_api_key(tiny_model_path, monkeypatch):
+    """``serve --host 0.0.0.0 --api-key-env VAR``: HTTP on every interface, the key required;
+    an unset VAR, or a busy port on that host, refused before any peer starts."""
+    port = _free_run(1)
+    out = cli("serve", "--peers", "1", "--port", str(port), "--host", "0.0.0.0", "--api-key-env", "RINGLLM_TEST_NO_SUCH_VAR",
+              "--model", str(tiny_model_path))
+    assert out.returncode == 2
+    assert "--api-key-env RINGLLM_TEST_NO_SUCH_VAR: that environment variable is not set" in out.stderr
+    monkeypatch.setenv("RINGLLM_TEST_KEY", "k-serve")
+    serve = Serve("--peers", "1", "--port", str(port), "--host", "0.0.0.0", "--api-key-env", "RINGLLM_TEST_KEY",
+                  "--model", str(tiny_model_path))
+    try:
+        serve.wait_for(f"rank 0: http://127.0.0.1:{port}/")
+        serve.wait_for("listening on every interface (0.0.0.0)")
+        serve.wait_for("ring up: 1 peer(s)")
+        assert not any("without an API key" in s for s in serve.seen)
+        url = f"http://127.0.0.1:{port}/v1/models"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=10)
+        assert err.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": "Bearer k-serve"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        serve.close()
+
+
+def test_serve_ring_toml_puts_http_on_the_host_and_links_on_loopback(tmp_path, monkeypatch):
+    from ringllm.launch import serve_ring_toml
+    from ringllm.ring.config import load_ring
+
+    monkeypatch.setenv("RINGLLM_TEST_KEY", "k")
+    path = tmp_path / "ring.toml"
+    path.write_text(serve_ring_toml(2, "m.gguf", port=9100, host="0.0.0.0", api_key_env="RINGLLM_TEST_KEY"))
+    cfg = load_ring(path)
+    assert cfg.http_host == "0.0.0.0" and cfg.api_key == "k"
+    assert [(p.host, p.http_port) for p in cfg.peers] == [("127.0.0.1", 9100), ("127.0.0.1", 9101)]
+    path.write_text(serve_ring_toml(1, "m.gguf", port=9100))
+    cfg = load_ring(path)
+    assert cfg.http_host == "127.0.0.1" and cfg.api_key is None

@@ -288,3 +288,32 @@ async def test_the_page_of_every_peer_of_ringllm_serve_streams_a_reply(tmp_path)
             serve.proc.wait(60)
         finally:
             serve.close()
+
+
+@needs_chromium
+async def test_a_page_opened_while_the_peer_joins_shows_it_and_then_the_model(tmp_path, tiny_model_path):
+    """A starting peer serves the page; the page says the peer is joining, and once the ring is
+    up its ring view turns ok and it asks for the model again (it showed "model: ?" before)."""
+    with Ring(tmp_path, ring_toml(2, str(tiny_model_path)), tag="early") as ring:
+        ring.start(0)  # rank 1 absent: rank 0 stays joining
+        deadline = time.monotonic() + 120
+        while not ((h := _health_any(ring.http(0))) and h["status"] == "joining"):
+            assert time.monotonic() < deadline, h
+            await asyncio.sleep(0.2)
+        async with Browser(tmp_path / "profile") as b:
+            await b.open(f"http://{ring.http(0)}/")
+            await b.until("/joining the ring/.test(document.getElementById('peers').textContent)")
+            assert (await b.js("document.getElementById('model').textContent")).startswith("model: ?")
+            ring.start(1)
+            ring.wait_up()
+            await b.until("document.querySelector('#peers .state')?.textContent === 'ok'")
+            await b.until("/^model: (?!\\?)/.test(document.getElementById('model').textContent)")
+
+
+def _health_any(address: str) -> dict | None:
+    """/health's document, also while it answers 503 (starting); None when nothing answers."""
+    try:
+        status, _, body = _get(f"http://{address}/health")
+    except OSError:
+        return None
+    return json.loads(body) if status in (200, 503) else None

@@ -22,8 +22,10 @@ Every peer runs the same loop. A *step* is:
 
 An idle ring sends nothing: a peer with no running sequences waits until it has news or a
 neighbour's first control frame arrives, then joins the step. Compute runs in one worker
-thread per peer (numpy releases the GIL), so the event loop keeps moving bytes and serving
-clients meanwhile; the compute thread reaches the collectives through the loop.
+thread per peer (both kernel families release the GIL), so the event loop keeps moving bytes
+and serving clients meanwhile; over plain TCP the compute thread drives the ring's sockets
+itself for the step (lent, see :meth:`Peer._compute_lent`), over TLS it reaches the
+collectives through the loop.
 
 When the ring breaks
 --------------------

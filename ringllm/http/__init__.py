@@ -8,4 +8,8 @@
   request while watching its client).
 - :mod:`ringllm.http.native`: ``POST /ringllm/v1/generate`` (NDJSON).
 - :mod:`ringllm.http.openai_api`: the OpenAI-compatible endpoints (JSON and server-sent events).
+- :mod:`ringllm.http.page`: the chat page at ``/``, its static files, and the ring view.
+- :mod:`ringllm.http.serve`: serving the app on a port (header deadline, connection cap).
+- :mod:`ringllm.http.joining`: a starting peer's HTTP (the page, ``/health`` 503 while it
+  loads and joins).
 """

@@ -11,7 +11,7 @@ their quant types agree: one kernel call instead of three.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from ringllm.ops.kernels import Kernels
 from ringllm.ops.quant import QuantMatrix, block_size
 from ringllm.ops.quant import threads as quant_threads
 from ringllm.shard.plan import PeerShard, Range
+
+if TYPE_CHECKING:  # numba may not import: the loader itself never needs it
+    from ringllm.ops.jit_matrix import JitMatrix
 
 
 class Projection:
@@ -33,7 +36,7 @@ class Projection:
         parts = [(info, (a, b)) for info, (a, b) in parts if b > a]  # a peer may own no rows of a part
         self.cols = parts[0][0].cols if parts else 0
         self.out_sizes = [b - a for _, (a, b) in parts]
-        self.matrices: list[QuantMatrix] = []
+        self.matrices: list[QuantMatrix | JitMatrix] = []
         group: list[np.ndarray] = []
         qtype = None
         for info, (a, b) in parts:
@@ -75,7 +78,7 @@ class RowParallel:
     zero outside [lo, hi), so the widening adds exact zeros and the partial sums stay exact.
     """
 
-    matrix: QuantMatrix | None
+    matrix: QuantMatrix | JitMatrix | None
     lo: int
     hi: int
     start: int
@@ -130,8 +133,8 @@ class ShardWeights:
     config: ModelConfig
     shard: PeerShard
     layers: list[LayerWeights]
-    embed: QuantMatrix  # token_embd rows of this peer's vocab range
-    output: QuantMatrix  # output rows of the vocab range (the same object when tied)
+    embed: QuantMatrix | JitMatrix  # token_embd rows of this peer's vocab range
+    output: QuantMatrix | JitMatrix  # output rows of the vocab range (the same object when tied)
     output_norm: np.ndarray
     kernels: Kernels
 

@@ -384,7 +384,7 @@ class Collectives:
 
     # -- the programs ---------------------------------------------------------------------------
     def _exchange(self, op: str, header: dict[str, Any], payload: Any, *, n: int | None = None,
-                  nbytes: int | None = None) -> Generator[Want, Frame, list[tuple[str, Frame] | None]]:
+                  nbytes: int | None = None) -> Generator[Want, Any, list[tuple[str, Any] | None]]:
         """Pass ``payload`` both ways round the ring along :func:`exchange_plan`, forwarding
         what arrives; returns, by origin rank, (link peer, what arrived) for the other P-1
         vectors: their payloads when ``nbytes`` is given, else their frames.
@@ -395,27 +395,29 @@ class Collectives:
         """
         io, seq = self._io, self.seq
         hdr = {"s": seq, "i": 0, "o": op, **header}
-        got: list[tuple[str, Any] | None] = [None] * self.size
+        heads: list[bytes] = []
         if nbytes is not None and nbytes <= JOIN_MAX:  # far below any frame size limit
             payload = as_bytes_view(payload)  # once: write_head takes flat bytes
             heads = [encode_head("coll", {**hdr, "i": i}, nbytes) for i in range(self.size // 2)]
             io[NEXT].write_head(heads[0], payload)
             if self.size > 2:
                 io[PREV].write_head(heads[0], payload)
-            for side, origin, i, forward in self._plan:
-                data = yield want(side, op, i, n, nbytes, heads[i])
-                got[origin] = io[side].peer, data
+        else:
+            io[NEXT].write("coll", hdr, payload)
+            if self.size > 2:
+                io[PREV].write("coll", hdr, payload)
+        got: list[tuple[str, Any] | None] = [None] * self.size
+        for side, origin, i, forward in self._plan:
+            if heads:
+                data = yield want(side, op, i, n, nbytes, heads[i])  # the payload alone
                 if forward:
                     io[1 - side].write_head(heads[i + 1], data)
-            return got
-        io[NEXT].write("coll", hdr, payload)
-        if self.size > 2:
-            io[PREV].write("coll", hdr, payload)
-        for side, origin, i, forward in self._plan:
-            frame = yield want(side, op, i, n, nbytes)
-            got[origin] = io[side].peer, (frame if nbytes is None else frame.payload)
-            if forward:
-                io[1 - side].write("coll", {**frame.header, "i": i + 1}, frame.payload)
+            else:
+                frame = yield want(side, op, i, n, nbytes)
+                data = frame if nbytes is None else frame.payload
+                if forward:
+                    io[1 - side].write("coll", {**frame.header, "i": i + 1}, frame.payload)
+            got[origin] = io[side].peer, data
         return got
 
     def _allreduce_program(self, n: int) -> Callable[[np.ndarray, Codec], Program]:

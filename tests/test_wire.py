@@ -22,6 +22,7 @@ from ringllm.ring.wire import (
     FrameDecoder,
     encode_frame,
     encode_frame_bytes,
+    head_template,
 )
 
 MAX_FRAME = 4096
@@ -95,6 +96,23 @@ def test_empty_payload_and_schema_kinds():
     frames = FrameDecoder().feed(data)
     assert [(f.kind, f.header, f.payload) for f in frames] == [
         ("ping", {"t": 5}, b""), ("coll", {"s": 1, "i": 0, "o": "ar"}, b"")]
+
+
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, 255, 65535, 2**32, 2**64 - 1])
+def test_head_template_plus_sequence_decodes_as_the_same_frame(seq):
+    # An independent reading: msgpack itself unpacks the header, and the decoder agrees.
+    payload = bytes(range(16))
+    head = head_template("coll", {"i": 1, "o": "ar", "n": 4}, len(payload)) + seq.to_bytes(8, "big")
+    header = msgpack.unpackb(head[PREFIX:])
+    assert header == {"k": "coll", "i": 1, "o": "ar", "n": 4, "s": seq}
+    assert list(header)[-1] == "s"
+    (frame,) = FrameDecoder().feed(head + payload)
+    assert frame == Frame("coll", {"s": seq, "i": 1, "o": "ar", "n": 4}, payload)
+
+
+def test_head_template_refuses_a_header_too_big_for_a_fixmap():
+    with pytest.raises(LocalProtocolError, match="at most 14 header fields"):
+        head_template("x", {f"f{i}": i for i in range(15)}, 0)
 
 
 # -- local errors ------------------------------------------------------------------------------

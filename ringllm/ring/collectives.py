@@ -46,7 +46,7 @@ from ringllm.ring.codec import CODECS, QK8_0, Codec, hadamard_rotate
 from ringllm.ring.links import JOIN_MAX, RingLinks
 from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, chunks, exchange_plan, segments, want
 from ringllm.ring.tcp import BlockingLink, lend_ring, take_back_ring
-from ringllm.ring.wire import Frame, as_bytes_view, encode_head
+from ringllm.ring.wire import Frame, as_bytes_view, head_template
 
 __all__ = ["CHUNK_ELEMS", "SMALL_MAX_ELEMS", "Collectives"]
 
@@ -116,6 +116,7 @@ class Collectives:
                                 if small_max_elems is None else small_max_elems)
         self.chunk_elems = chunk_elems
         self._plan = exchange_plan(rank, size) if size > 1 else ()  # the exchange's hops
+        self._templates: dict[tuple[Any, ...], list[bytes]] = {}  # see _head_templates
         # Busy-wait (up to SPIN_SECONDS) for exchange frames on lent links instead of sleeping:
         # only right when this peer's waiting thread has a core of its own (see Peer).
         self.spin = spin
@@ -383,42 +384,58 @@ class Collectives:
         return buf
 
     # -- the programs ---------------------------------------------------------------------------
-    def _exchange(self, op: str, header: dict[str, Any], payload: Any, *, n: int | None = None,
-                  nbytes: int | None = None) -> Generator[Want, Any, list[tuple[str, Any] | None]]:
+    def _exchange(self, op: str, payload: Any, *, header: dict[str, Any] | None = None,
+                  n: int | None = None, nbytes: int | None = None) -> Generator[Want, Any, list[Any]]:
         """Pass ``payload`` both ways round the ring along :func:`exchange_plan`, forwarding
-        what arrives; returns, by origin rank, (link peer, what arrived) for the other P-1
-        vectors: their payloads when ``nbytes`` is given, else their frames.
+        what arrives; returns what arrived from the other P-1 peers, by origin rank (None at
+        our own): their payloads when ``nbytes`` is given, else their frames.
 
-        With ``nbytes`` (every frame the same size, as in an all-reduce: same header all round
-        but ``i``) the frames' heads are encoded once, a lent link compares bytes against them,
-        and only payloads travel between driver and program.
+        Frames carry ``header`` (an all-gather's dtype and shape) or, for an all-reduce, the
+        element count ``n``.  An all-reduce's frames are all ``nbytes`` long and alike but for
+        the call's sequence number and the hop ``i``: their heads come from templates built
+        once per (op, n, nbytes) (:meth:`_head_templates`), a lent link compares bytes against
+        them, and only payloads travel between driver and program.
         """
-        io, seq = self._io, self.seq
-        hdr = {"s": seq, "i": 0, "o": op, **header}
-        heads: list[bytes] = []
-        if nbytes is not None and nbytes <= JOIN_MAX:  # far below any frame size limit
+        io = self._io
+        if header is None and nbytes is not None and nbytes <= JOIN_MAX:
+            heads = self._head_templates(op, n, nbytes)
+            seq = self.seq.to_bytes(8, "big")
             payload = as_bytes_view(payload)  # once: write_head takes flat bytes
-            heads = [encode_head("coll", {**hdr, "i": i}, nbytes) for i in range(self.size // 2)]
-            io[NEXT].write_head(heads[0], payload)
+            io[NEXT].write_head(heads[0] + seq, payload)
             if self.size > 2:
-                io[PREV].write_head(heads[0], payload)
+                io[PREV].write_head(heads[0] + seq, payload)
         else:
+            heads = ()
+            hdr = {"s": self.seq, "i": 0, "o": op, **(header or {"n": n})}
             io[NEXT].write("coll", hdr, payload)
             if self.size > 2:
                 io[PREV].write("coll", hdr, payload)
-        got: list[tuple[str, Any] | None] = [None] * self.size
+        got: list[Any] = [None] * self.size
         for side, origin, i, forward in self._plan:
             if heads:
-                data = yield want(side, op, i, n, nbytes, heads[i])  # the payload alone
+                data = yield want(side, op, i, n, nbytes, heads[i] + seq)  # the payload alone
                 if forward:
-                    io[1 - side].write_head(heads[i + 1], data)
+                    io[1 - side].write_head(heads[i + 1] + seq, data)
             else:
-                frame = yield want(side, op, i, n, nbytes)
-                data = frame if nbytes is None else frame.payload
+                data = yield want(side, op, i, n, nbytes)
                 if forward:
-                    io[1 - side].write("coll", {**frame.header, "i": i + 1}, frame.payload)
-            got[origin] = io[side].peer, data
+                    io[1 - side].write("coll", {**data.header, "i": i + 1}, data.payload)
+                if nbytes is not None:
+                    data = data.payload
+            got[origin] = data
         return got
+
+    def _head_templates(self, op: str, n: int | None, nbytes: int) -> list[bytes]:
+        """Templates (``wire.head_template``) of the heads of an all-reduce's exchange frames
+        ``i = 0 .. P//2 - 1``: ``template + seq.to_bytes(8, "big")`` is call ``seq``'s head."""
+        key = (op, n, nbytes)
+        templates = self._templates.get(key)
+        if templates is None:
+            if len(self._templates) >= 64:  # a handful of sizes in practice; never unbounded
+                self._templates.clear()
+            templates = self._templates[key] = [
+                head_template("coll", {"i": i, "o": op, "n": n}, nbytes) for i in range(self.size // 2)]
+        return templates
 
     def _allreduce_program(self, n: int) -> Callable[[np.ndarray, Codec], Program]:
         return self._allreduce_exchange if n <= self.small_max_elems else self._allreduce_ring
@@ -428,14 +445,11 @@ class Collectives:
         payload = x if codec.exact else codec.encode(x)
         if codec.exact and x.nbytes > BORROW_MAX:
             self._borrowed = True  # see BORROW_MAX
-        got = yield from self._exchange("ar", {"n": n}, payload, n=n, nbytes=codec.nbytes(n))
-        decode = codec.decode
-        vals: list[Any] = [None] * self.size
-        for r, g in enumerate(got):
-            if g is not None:
-                vals[r] = decode(g[1], n)
+        got = yield from self._exchange("ar", payload, n=n, nbytes=codec.nbytes(n))
         # The sender uses exactly what the others decode (for an exact codec, its own array).
-        vals[self.rank] = x if codec.exact else decode(payload, n)
+        own = x if codec.exact else codec.decode(payload, n)
+        decode = codec.decode
+        vals = [own if g is None else decode(g, n) for g in got]
         acc = vals[0] + vals[1]  # fixed order: rank 0, 1, ..., P-1
         for v in vals[2:]:
             acc += v
@@ -481,9 +495,10 @@ class Collectives:
         return out
 
     def _allgather(self, x: np.ndarray) -> Program:
-        got = yield from self._exchange("ag", {"dt": x.dtype.str, "sh": list(x.shape)},
-                                        self._borrow(x.reshape(-1).view(np.uint8)))
-        return [x.copy() if g is None else _array_from(*g) for g in got]
+        got = yield from self._exchange("ag", self._borrow(x.reshape(-1).view(np.uint8)),
+                                        header={"dt": x.dtype.str, "sh": list(x.shape)})
+        came_from = {origin: self._io[side].peer for side, origin, _, _ in self._plan}
+        return [x.copy() if g is None else _array_from(came_from[r], g) for r, g in enumerate(got)]
 
     def _broadcast(self, x: np.ndarray | None, root: int) -> Program:
         nxt, prv = self._io

@@ -26,7 +26,7 @@ import time
 from typing import Any, Protocol
 
 from ringllm.errors import LocalProtocolError, PeerLostError, RemoteProtocolError, RingError
-from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, as_bytes_view, encode_frame
+from ringllm.ring.wire import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
 __all__ = ["DEFAULT_RECV_TIMEOUT", "Lent", "Link", "RingLinks", "goodbye_error", "write_chunks"]
 
@@ -42,12 +42,13 @@ SCRATCH_BYTES = 64 * 1024
 DIRECT_MIN = 16 * 1024
 
 
-def write_chunks(head: bytes, view: memoryview | None) -> tuple[bytes | memoryview, ...]:
-    """What to write for one frame: small frames as one buffer (one syscall, one segment with
-    TCP_NODELAY), large payloads apart so they are not copied into a join."""
+def write_chunks(head: bytes, view: bytes | memoryview | None) -> tuple[bytes | memoryview, ...]:
+    """What to write for one frame (``view`` a flat byte buffer): small frames as one buffer
+    (one syscall, one segment with TCP_NODELAY), large payloads apart so they are not copied
+    into a join."""
     if view is None:
         return (head,)
-    if view.nbytes <= JOIN_MAX:
+    if len(view) <= JOIN_MAX:
         return (head + view,)
     return (head, view)
 
@@ -317,14 +318,14 @@ class Link:
         self._write_frame(kind, header, payload)
 
     def write_head(self, head: bytes, payload: Any) -> None:
-        """Queue one frame whose prefix and header are already encoded (``wire.encode_head``)
-        for ``payload`` (a flat bytes-like); as :meth:`write` otherwise."""
+        """Queue one frame whose prefix and header are already encoded (``wire.head_template``)
+        for ``payload``, a flat byte buffer (``bytes``, or a memoryview from
+        ``wire.as_bytes_view`` or a received frame); as :meth:`write` otherwise."""
         if self._error is not None:
             raise self._error
-        view = as_bytes_view(payload)
         self.last_tx = time.monotonic()
-        self.bytes_sent += len(head) + view.nbytes
-        self._write_buffers(head, view)
+        self.bytes_sent += len(head) + len(payload)
+        self._write_buffers(head, payload)
 
     def _write_frame(self, kind: str, header: dict[str, Any] | None, payload: Any) -> None:
         head, view = encode_frame(kind, header, payload, max_frame=self.max_frame)
@@ -354,7 +355,7 @@ class Link:
         """
         raise NotImplementedError
 
-    def _write_buffers(self, head: bytes, view: memoryview | None) -> None:
+    def _write_buffers(self, head: bytes, view: bytes | memoryview | None) -> None:
         raise NotImplementedError
 
     def _close_transport(self) -> None:

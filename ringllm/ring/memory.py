@@ -27,7 +27,7 @@ class MemoryLink(Link):
         self._unstalled = asyncio.Event()
         self._unstalled.set()
 
-    def _write_buffers(self, head: bytes, view: memoryview | None) -> None:
+    def _write_buffers(self, head: bytes, view: bytes | memoryview | None) -> None:
         data = head if view is None else head + view  # copy, as a socket would
         if self._stalled:
             self._held.append(data)

@@ -72,7 +72,7 @@ class StreamLink(Link, asyncio.BufferedProtocol):
     def paused(self) -> bool:
         return self._paused
 
-    def _write_buffers(self, head: bytes, view: memoryview | None) -> None:
+    def _write_buffers(self, head: bytes, view: bytes | memoryview | None) -> None:
         transport = self._transport
         if transport.is_closing():
             self.eof("connection closed")
@@ -286,7 +286,7 @@ class BlockingLink:
         self.write_encoded(*write_chunks(head, view))
 
     def write_head(self, head: bytes, payload: bytes | memoryview) -> None:
-        """Send one frame whose prefix and header are already encoded (``wire.encode_head``);
+        """Send one frame whose prefix and header are already encoded (``wire.head_template``);
         ``payload`` is a flat byte buffer (``bytes``, or a memoryview from ``wire.as_bytes_view``
         or a received frame), so the lent all-reduce joins it here without converting again.
         Written out rather than through ``links.write_chunks`` and ``_sendall`` (the same join

@@ -161,12 +161,19 @@ def encode_frame(
     return _pack_prefix(MAGIC, CODEC_VERSION, 0, hlen, n) + packed, (view if n else None)
 
 
-def encode_head(kind: str, header: Mapping[str, Any], nbytes: int) -> bytes:
-    """The prefix and header of a frame with an ``nbytes`` payload, unchecked: for hot paths
-    whose kind and header are known good and whose size is far below any frame limit (the
-    lent all-reduce). Same bytes as :func:`encode_frame`'s ``head``."""
+def head_template(kind: str, header: Mapping[str, Any], nbytes: int) -> bytes:
+    """The head (prefix and header) of a frame with an ``nbytes`` payload whose header is
+    ``header`` plus a sequence number ``"s"``, all but the number's last 8 bytes:
+    ``template + seq.to_bytes(8, "big")`` is the head of call ``seq``.  For hot paths that
+    send the same frame family every call (the lent all-reduce: the head is built once, not
+    msgpack-encoded per call); unchecked, so only for kinds and headers known good and sizes
+    far below any frame limit.  The header stays a plain msgpack map (``"s"`` comes last, a
+    fixed-width uint64), so any decoder reads it."""
     packed = _pack({"k": kind, **header})
-    return _pack_prefix(MAGIC, CODEC_VERSION, 0, len(packed), nbytes) + packed
+    if not 0x80 <= packed[0] < 0x8F:  # a fixmap with room for "s"
+        raise LocalProtocolError(f"head_template takes at most 14 header fields, not {len(header)}")
+    packed = bytes((packed[0] + 1,)) + packed[1:] + b"\xa1s\xcf"
+    return _pack_prefix(MAGIC, CODEC_VERSION, 0, len(packed) + 8, nbytes) + packed
 
 
 def encode_frame_bytes(kind: str, header: Mapping[str, Any] | None = None, payload: Any = None,

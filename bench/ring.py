@@ -1,6 +1,7 @@
 """Ring speed for P = 1..4 peers as separate processes on 127.0.0.1: one JSON line per P.
 
     python bench/ring.py [--peers 1 2 3 4] [--threads 1] [--wire f32] [--tokens 128] [--rounds 5]
+                         [--kernels auto|numba|numpy]
 
 Every P's ring is started at once (``--threads`` compute threads per peer; idle rings cost
 nothing but memory), each gets a warm-up request, and then ``--rounds`` rounds each send one
@@ -29,6 +30,9 @@ LAN costs; run the benchmark itself inside ``collring-ns0``:
 
 The emulated hosts still share this machine's cores (and, since each is alone on its
 "host", every peer busy-waits for its neighbours: keep P <= cores).
+
+``--kernels numpy`` runs the peers on the reference kernels (ring.toml's ``kernels``), e.g. to
+compare the ring against a commit from before the compiled kernels.
 """
 
 from __future__ import annotations
@@ -109,11 +113,12 @@ def linkemu_host(rank: int) -> str:
 class Ring:
     """One ring of p peer processes, started once and measured in several rounds."""
 
-    def __init__(self, p: int, model: str, threads: int, wire: str, linkemu: bool = False) -> None:
+    def __init__(self, p: int, model: str, threads: int, wire: str, linkemu: bool = False,
+                 kernels: str = "auto") -> None:
         self.p = p
         self.tmp = tempfile.TemporaryDirectory(prefix="ringllm-bench-")
         ring_path = Path(self.tmp.name) / "ring.toml"
-        text = init_ring_toml(p, model=model, wire=wire)
+        text = f'kernels = "{kernels}"\n' + init_ring_toml(p, model=model, wire=wire)
         if linkemu:  # each peer at its namespace's address; HTTP on every address, for /health
             for r in range(p):
                 text = text.replace('host = "127.0.0.1"', f'host = "{linkemu_host(r)}"', 1)
@@ -129,7 +134,7 @@ class Ring:
         self.cfg = cfg
 
     def wait(self) -> None:
-        _wait_healthy(self.cfg, self.procs, Path(self.tmp.name), hosts=self.hosts)
+        _wait_healthy(self.cfg, self.procs, Path(self.tmp.name))
 
     def measure(self, prompt_ids: list[int], tokens: int) -> dict:
         """One timed greedy request; decode-only figures from the difference of a long and a
@@ -195,6 +200,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5, help="rounds over all P, back to back")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "numba", "numpy"],
+                    help="the peers' kernels (ring.toml's kernels)")
     ap.add_argument("--linkemu", action="store_true",
                     help="peers in linkemu's namespaces (run this inside collring-ns0; see above)")
     args = ap.parse_args()
@@ -209,7 +216,7 @@ def main() -> None:
     c = info.config
     prompt_ids = info.tokenizer.encode(TEXT * 8, parse_special=False)[:64]
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
-    rings = {p: Ring(p, model, args.threads, args.wire, args.linkemu) for p in args.peers}
+    rings = {p: Ring(p, model, args.threads, args.wire, args.linkemu, args.kernels) for p in args.peers}
     try:
         for ring in rings.values():
             ring.wait()
@@ -222,6 +229,7 @@ def main() -> None:
             row = summarize(p, args.threads, args.wire, runs[p], runs.get(1))
             row["formula_bytes_per_token"] = round(formula_bytes(p, c.n_layers, c.dim, args.wire))
             row["peak_rss_mb"] = ring.peak_rss_mb()
+            row["kernels"] = args.kernels
             row["load"] = round(os.getloadavg()[0], 2)
             row["machine"] = machine
             print(json.dumps(row), flush=True)

@@ -174,11 +174,11 @@ def _prompt_address(args: argparse.Namespace) -> str:
     from ringllm.ring.config import load_ring
 
     cfg = load_ring(args.ring)
-    p = cfg.peer(args.rank)
+    address = cfg.http_address(args.rank)  # refuses a rank out of range first
     if args.api_key is None:
         args.api_key = cfg.api_key
     args.tls = _client_tls(cfg, args.cacert)
-    return f"{cfg.http_host if cfg.http_host not in ('0.0.0.0', '::') else p.host}:{p.http_port}"
+    return address
 
 
 def _client_tls(cfg: Any, cacert: str | None) -> Any:
@@ -249,11 +249,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ringllm.client import ring_health
 
     if args.ring:
-        from ringllm.ring.config import load_ring
+        from ringllm.ring.config import is_loopback, load_ring
 
         cfg = load_ring(args.ring)
-        targets = [(p.rank, f"{p.host}:{p.http_port}") for p in cfg.peers]
-        loopback_only = cfg.http_host in ("127.0.0.1", "localhost", "::1")
+        targets = [(p.rank, cfg.http_address(p.rank)) for p in cfg.peers]
+        loopback_only = is_loopback(cfg.http_host)
         tls = _client_tls(cfg, args.cacert)
     else:
         targets = [(None, a) for a in args.peer]
@@ -274,8 +274,9 @@ def _status_row(rank: int | None, address: str, h: dict, loopback_only: bool) ->
     answer)."""
     if "error" in h and "status" not in h:
         err = h["error"]
-        host = address.rpartition(":")[0]
-        if loopback_only and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        from ringllm.ring.config import is_loopback
+
+        if loopback_only and not is_loopback(address.rpartition(":")[0].strip("[]")):
             err += " (the ring's [http] host is loopback-only, so this peer answers only on its own machine)"
         return {"rank": rank, "address": address, "state": "down", "last_error": err}
     if h.get("status") in ("loading", "joining"):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ringllm.errors import ConfigError, ModelError, RingError
 from ringllm.fetch import resolve_model
 from ringllm.file_hash import file_sha256
-from ringllm.ring.config import RingConfig, init_ring_toml, load_ring
+from ringllm.ring.config import WILDCARD_HOSTS, RingConfig, init_ring_toml, is_loopback, load_ring
 
 if TYPE_CHECKING:  # loaded when a command runs (the model's modules take a while to import)
     from ringllm.generation import Completion
@@ -148,7 +148,7 @@ async def serve_peer(cfg: RingConfig, rank: int, *, threads: int = 1, kernels: s
         peer = Peer(model, info, links, wire=cfg.wire, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     spin=spin)
         log.info("rank %d: %s for decode all-reduces", rank, "busy-waits" if spin else "sleeps")
-        http_peers = [f"{p.host}:{p.http_port}" for p in cfg.peers]  # the chat page's ring view
+        http_peers = [cfg.http_address(p.rank) for p in cfg.peers]  # the chat page's ring view
         app = make_app(peer, api_key=cfg.api_key, body_timeout=cfg.http_body_timeout, ring_addresses=http_peers,
                        progress=progress)
         http = await serve_http(app, sock=http_sock, ssl=http_ssl, limits=limits)
@@ -303,7 +303,7 @@ def run_local_ring(n: int, model: str | None, threads: int | None, body: dict[st
             _wait_healthy(cfg, procs, Path(tmp))
 
             async def go() -> Completion:
-                async with connect(f"127.0.0.1:{cfg.peers[0].http_port}") as client:
+                async with connect(cfg.http_address(0)) as client:
                     return await client.complete(on_text=on_text, **body)
 
             return asyncio.run(go())
@@ -321,8 +321,7 @@ def _spawn_peer(ring_path: Path, rank: int, threads: int, logdir: Path,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, timeout: float = 300.0,
-                  hosts: Sequence[str] | None = None) -> None:
+def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, timeout: float = 300.0) -> None:
     import urllib.request
 
     scheme, ctx = "http", None
@@ -339,7 +338,7 @@ def _wait_healthy(cfg: RingConfig, procs: list[subprocess.Popen], logdir: Path, 
                 tail = logfile.read_text(errors="replace").strip().splitlines()[-5:] if logfile.exists() else []
                 raise RingError(f"peer {r} exited with status {procs[r].returncode}: " + " | ".join(tail))
             try:
-                url = f"{scheme}://{hosts[r] if hosts else '127.0.0.1'}:{cfg.peers[r].http_port}/health"
+                url = f"{scheme}://{cfg.http_address(r)}/health"
                 with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
                     if json.load(resp).get("status") == "ok":
                         pending.discard(r)
@@ -366,10 +365,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 # -- ringllm serve --peers N -------------------------------------------------------------------
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_WILDCARD = ("0.0.0.0", "::")
-
-
 def serve_ring_toml(n: int, model: str, *, port: int, kernels: str = "auto", host: str = "127.0.0.1",
                     api_key_env: str | None = None) -> str:
     """The ring.toml ``ringllm serve`` runs: ``n`` peers on 127.0.0.1 (ring links), HTTP on
@@ -408,10 +403,9 @@ def run_serve(n: int, model: str | None, *, port: int, threads: int | None = Non
         ring_path = Path(tmp) / "ring.toml"
         ring_path.write_text(serve_ring_toml(n, model, port=port, kernels=kernels, host=host, api_key_env=api_key_env))
         cfg = load_ring(ring_path)
-        if host not in _LOOPBACK and api_key_env is None:
+        if not is_loopback(host) and api_key_env is None:
             say(f"warning: HTTP on {host} without an API key: anyone who can reach these ports can "
                 "generate text (--api-key-env VAR sets one; docs/security.md)")
-        shown = "127.0.0.1" if host in _WILDCARD else (f"[{host}]" if ":" in host else host)
         procs: list[subprocess.Popen] = []
         try:
             for r in range(n):
@@ -420,11 +414,11 @@ def run_serve(n: int, model: str | None, *, port: int, threads: int | None = Non
                      "--threads", str(threads)], stdin=subprocess.DEVNULL, start_new_session=True,
                     preexec_fn=_die_with_parent))
             for p in cfg.peers:
-                say(f"rank {p.rank}: http://{shown}:{p.http_port}/  (chat page; OpenAI API at "
-                    f"http://{shown}:{p.http_port}/v1)")
-            if host in _WILDCARD:
+                address = cfg.http_address(p.rank)
+                say(f"rank {p.rank}: http://{address}/  (chat page; OpenAI API at http://{address}/v1)")
+            if host in WILDCARD_HOSTS:
                 say(f"listening on every interface ({host}): from elsewhere use this machine's address")
-            _wait_healthy(cfg, procs, Path(tmp), timeout=900.0, hosts=[shown] * n)
+            _wait_healthy(cfg, procs, Path(tmp), timeout=900.0)
             say(f"ring up: {n} peer(s) of {Path(model).name}, {threads} thread(s) each; Ctrl-C stops them")
             if ready is not None:
                 ready()

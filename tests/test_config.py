@@ -73,3 +73,33 @@ def test_peers_spin_only_when_their_host_has_a_core_for_each(monkeypatch):
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0})
     assert not launch.may_spin(parse_ring(GOOD), 0)
     assert launch.may_spin(parse_ring(two_hosts), 0) and launch.may_spin(parse_ring(two_hosts), 1)
+
+
+def _two_hosts(http_host: str | None) -> str:
+    """Rank 0 on this machine, rank 1 at a TEST-NET address no machine here has."""
+    text = GOOD.replace('host = "127.0.0.1"\nport = 7002', 'host = "192.0.2.10"\nport = 7002')
+    return text + (f'\n[http]\nhost = "{http_host}"\n' if http_host else "")
+
+
+@pytest.mark.parametrize("http_host,expected", [
+    (None, ["127.0.0.1:8001", "192.0.2.10:8002"]),  # default loopback: home peers there
+    ("127.0.0.2", ["127.0.0.2:8001", "192.0.2.10:8002"]),  # the peers' own host, not the ring's
+    ("0.0.0.0", ["127.0.0.1:8001", "192.0.2.10:8002"]),  # every interface: the ring host reaches it
+    ("::1", ["[::1]:8001", "192.0.2.10:8002"]),
+])
+def test_http_address_is_the_http_host_on_this_machine_and_the_ring_host_elsewhere(http_host, expected):
+    cfg = parse_ring(_two_hosts(http_host))
+    assert [cfg.http_address(r) for r in range(cfg.size)] == expected
+    with pytest.raises(ConfigError, match="rank 2 is out of range"):
+        cfg.http_address(2)
+
+
+def test_this_machine_is_what_a_socket_here_can_bind():
+    import socket
+
+    from ringllm.ring.config import is_loopback, is_this_machine
+
+    assert is_loopback("127.0.0.5") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.10") and not is_loopback("vm")
+    assert is_this_machine("127.0.0.5") and is_this_machine(socket.gethostname())
+    assert not is_this_machine("192.0.2.10") and not is_this_machine("no-such-host.invalid")

@@ -341,6 +341,24 @@ def test_serve_host_and_api_key(tiny_model_path, monkeypatch):
         serve.close()
 
 
+def test_serve_on_another_loopback_address_shows_every_peer_there(tiny_model_path):
+    """``serve --host 127.0.0.2``: the URLs, the wait for the ring and the chat page's ring
+    view all use the peers' HTTP host, not their ring host (127.0.0.1, where nothing serves
+    HTTP); a loopback host needs no API key and gets no warning."""
+    port = _free_run(2)
+    serve = Serve("--peers", "2", "--port", str(port), "--host", "127.0.0.2", "--model", str(tiny_model_path))
+    try:
+        serve.wait_for(f"rank 1: http://127.0.0.2:{port + 1}/")
+        serve.wait_for("ring up: 2 peer(s)")
+        assert not any("without an API key" in s for s in serve.seen)
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/ringllm/v1/ring", timeout=30) as resp:
+            rows = json.load(resp)["peers"]
+        assert [(r["rank"], r["address"], r["status"]) for r in rows] == [
+            (0, f"127.0.0.2:{port}", "ok"), (1, f"127.0.0.2:{port + 1}", "ok")]
+    finally:
+        serve.close()
+
+
 def test_serve_ring_toml_puts_http_on_the_host_and_links_on_loopback(tmp_path, monkeypatch):
     from ringllm.launch import serve_ring_toml
     from ringllm.ring.config import load_ring
@@ -354,3 +372,16 @@ def test_serve_ring_toml_puts_http_on_the_host_and_links_on_loopback(tmp_path, m
     path.write_text(serve_ring_toml(1, "m.gguf", port=9100))
     cfg = load_ring(path)
     assert cfg.http_host == "127.0.0.1" and cfg.api_key is None
+
+
+@pytest.mark.parametrize("host,why", [
+    ("no-such-host.invalid", "the host does not resolve (Name or service not known)"),
+    ("192.0.2.10", "Cannot assign requested address"),  # TEST-NET: not an address of this machine
+])
+def test_bind_http_names_why_a_host_cannot_serve(host, why):
+    from ringllm.errors import ConfigError
+    from ringllm.http.joining import bind_http
+
+    with pytest.raises(ConfigError) as err:
+        bind_http(host, 8123, 2)
+    assert str(err.value) == f"rank 2: cannot serve HTTP on {host}:8123: {why}"

@@ -39,8 +39,13 @@ def bind_http(host: str, port: int, rank: int) -> socket.socket:
         return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     backlog=128)
     except OSError as exc:
-        busy = " (is another peer or server using it? pick another http_port)" if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(f"rank {rank}: cannot serve HTTP on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}{busy}") from None
+        if exc.errno is not None and exc.errno < 0:  # getaddrinfo's (EAI_*), not the OS's
+            why = f"the host does not resolve ({exc.strerror.split(' (while')[0]})"
+        else:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (is another peer or server using it? pick another http_port)"
+        raise ConfigError(f"rank {rank}: cannot serve HTTP on {host}:{port}: {why}") from None
 
 
 class StartupState:

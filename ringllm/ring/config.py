@@ -37,6 +37,8 @@ Every error names the file, the field and (for peer entries) the peer index, e.g
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import secrets
 import socket
@@ -121,6 +123,16 @@ class RingConfig:
 
     def model_for(self, rank: int) -> str:
         return self.peer(rank).model or self.model
+
+    def http_address(self, rank: int) -> str:
+        """Where to reach peer ``rank``'s HTTP API from this machine, as ``host:port``: at
+        ``[http] host`` when that is one address and the peer runs on this machine (its ring
+        host is one of ours), else at its ring host (the only address of another machine
+        ring.toml names; with a loopback ``[http] host`` that peer answers only at home)."""
+        p, host = self.peer(rank), self.http_host
+        if host in WILDCARD_HOSTS or not is_this_machine(p.host):
+            host = p.host
+        return f"[{host}]:{p.http_port}" if ":" in host else f"{host}:{p.http_port}"
 
 
 class _Fields:
@@ -270,6 +282,39 @@ def _secret(top: _Fields, base: Path) -> bytes:
     if len(value) < 16:
         raise top.fail(key, f"the secret must be at least 16 characters (got {len(value)})")
     return value.encode()
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # bind addresses meaning every interface
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is reached only from this machine: ``localhost``, 127.0.0.0/8, ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def is_this_machine(host: str) -> bool:
+    """True when ``host`` (a name or address) is one of this machine's addresses: loopback, or
+    an address a socket here can bind (another machine's address cannot be bound)."""
+    if is_loopback(host):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    for family, kind, _, _, addr in infos:
+        try:
+            with socket.socket(family, kind) as s:
+                s.bind((addr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

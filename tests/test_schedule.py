@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ringllm.errors import RemoteProtocolError
-from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, exchange_plan, segments, want
-from ringllm.ring.wire import Frame
+from ringllm.ring.schedule import (NEXT, PREV, Want, check_frame, exchange_plan, expected_header, head_templates,
+                                   segments, want)
+from ringllm.ring.wire import Frame, FrameDecoder
 
 
 @pytest.mark.parametrize("p", range(2, 9))
@@ -57,3 +58,15 @@ def test_segments_cover_the_range_on_block_boundaries(n, parts):
     assert len(segs) == parts and segs[0][0] == 0 and segs[-1][1] == n
     assert all(a <= b for a, b in segs) and all(segs[j][1] == segs[j + 1][0] for j in range(parts - 1))
     assert all(b % 32 == 0 for _, b in segs[:-1])
+
+
+@pytest.mark.parametrize("seq", [1, 200, 70000, 2**40])
+def test_head_templates_decode_to_the_expected_header_and_pass_the_check(seq):
+    """What a program puts in a Want (a head from head_templates) is, parsed by the decoder,
+    a frame with expected_header's header that check_frame accepts for that Want."""
+    payload = bytes(24)
+    for i, template in enumerate(head_templates("ar", 6, len(payload), 3)):
+        w = want(PREV, "ar", i, 6, len(payload), template + seq.to_bytes(8, "big"))
+        (frame,) = FrameDecoder().feed(w.head + payload)
+        assert frame.kind == "coll" and frame.header == expected_header(w, seq)
+        assert check_frame("peer rank 1", frame, seq, w) is frame

@@ -110,6 +110,38 @@ def test_head_template_plus_sequence_decodes_as_the_same_frame(seq):
     assert frame == Frame("coll", {"s": seq, "i": 1, "o": "ar", "n": 4}, payload)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=6), hint=st.integers(0, 5),
+       pings=st.lists(st.booleans(), min_size=6, max_size=6), split=st.integers(0, 4000))
+def test_expected_head_gives_the_frames_parsing_gives(seqs, hint, pings, split):
+    """A decoder told one frame's head (FrameDecoder.expect) returns, for any stream of frames
+    cut anywhere, exactly what a decoder without the hint returns, and uses the hint once."""
+    template = head_template("coll", {"i": 0, "o": "ar", "n": 2}, 8)
+    stream = b""
+    for seq, ping in zip(seqs, pings):
+        if ping:
+            stream += encode_frame_bytes("ping", {"t": seq % 1000})
+        stream += template + seq.to_bytes(8, "big") + seq.to_bytes(8, "little")
+    plain, hinted = FrameDecoder(), FrameDecoder()
+    s = seqs[min(hint, len(seqs) - 1)]
+    given_header = {"i": 0, "o": "ar", "n": 2, "s": s}
+    hinted.expect(template + s.to_bytes(8, "big"), "coll", given_header)
+    cut = min(split, len(stream))
+    want = plain.feed(stream[:cut]) + plain.feed(stream[cut:])
+    got = hinted.feed(stream[:cut]) + hinted.feed(stream[cut:])
+    assert got == want
+    used = sum(f.header is given_header for f in got)
+    assert used == 1 if cut in (0, len(stream)) else used <= 1  # whole frames in one chunk use it
+
+
+def test_an_expected_head_is_not_taken_for_a_frame_that_only_begins_with_it():
+    head = head_template("coll", {"i": 0, "o": "ar", "n": 2}, 8) + (5).to_bytes(8, "big")
+    dec = FrameDecoder()
+    dec.expect(head[:-3], "coll", {"bogus": True})  # a shorter head must match in full
+    (frame,) = dec.feed(head + bytes(8))
+    assert frame.header == {"i": 0, "o": "ar", "n": 2, "s": 5}
+
+
 def test_head_template_refuses_a_header_too_big_for_a_fixmap():
     with pytest.raises(LocalProtocolError, match="at most 14 header fields"):
         head_template("x", {f"f{i}": i for i in range(15)}, 0)

@@ -44,9 +44,10 @@ import numpy as np
 from ringllm.errors import LocalProtocolError, RemoteProtocolError, RingError
 from ringllm.ring.codec import CODECS, QK8_0, Codec, hadamard_rotate
 from ringllm.ring.links import JOIN_MAX, RingLinks
-from ringllm.ring.schedule import NEXT, PREV, Want, check_frame, chunks, exchange_plan, segments, want
+from ringllm.ring.schedule import (NEXT, PREV, Want, check_frame, chunks, exchange_plan, expected_header,
+                                   head_templates, segments, want)
 from ringllm.ring.tcp import BlockingLink, lend_ring, take_back_ring
-from ringllm.ring.wire import Frame, as_bytes_view, head_template
+from ringllm.ring.wire import Frame, as_bytes_view
 
 __all__ = ["CHUNK_ELEMS", "SMALL_MAX_ELEMS", "Collectives"]
 
@@ -116,7 +117,6 @@ class Collectives:
                                 if small_max_elems is None else small_max_elems)
         self.chunk_elems = chunk_elems
         self._plan = exchange_plan(rank, size) if size > 1 else ()  # the exchange's hops
-        self._templates: dict[tuple[Any, ...], list[bytes]] = {}  # see _head_templates
         # Busy-wait (up to SPIN_SECONDS) for exchange frames on lent links instead of sleeping:
         # only right when this peer's waiting thread has a core of its own (see Peer).
         self.spin = spin
@@ -305,6 +305,8 @@ class Collectives:
                 wanted = next(steps)
                 while True:
                     link = links[wanted.side]
+                    if wanted.head is not None and not link.has_frame:  # spare its decoder a parse
+                        link.expect(wanted.head, "coll", expected_header(wanted, seq))
                     frame = check_frame(link.peer, await link.recv(), seq, wanted)
                     wanted = steps.send(frame if wanted.head is None else frame.payload)
             except StopIteration as stop:
@@ -393,12 +395,12 @@ class Collectives:
         Frames carry ``header`` (an all-gather's dtype and shape) or, for an all-reduce, the
         element count ``n``.  An all-reduce's frames are all ``nbytes`` long and alike but for
         the call's sequence number and the hop ``i``: their heads come from templates built
-        once per (op, n, nbytes) (:meth:`_head_templates`), a lent link compares bytes against
+        once per (op, n, nbytes) (``schedule.head_templates``), a link compares bytes against
         them, and only payloads travel between driver and program.
         """
         io = self._io
         if header is None and nbytes is not None and nbytes <= JOIN_MAX:
-            heads = self._head_templates(op, n, nbytes)
+            heads = head_templates(op, n, nbytes, self.size // 2)
             seq = self.seq.to_bytes(8, "big")
             payload = as_bytes_view(payload)  # once: write_head takes flat bytes
             io[NEXT].write_head(heads[0] + seq, payload)
@@ -424,18 +426,6 @@ class Collectives:
                     data = data.payload
             got[origin] = data
         return got
-
-    def _head_templates(self, op: str, n: int | None, nbytes: int) -> list[bytes]:
-        """Templates (``wire.head_template``) of the heads of an all-reduce's exchange frames
-        ``i = 0 .. P//2 - 1``: ``template + seq.to_bytes(8, "big")`` is call ``seq``'s head."""
-        key = (op, n, nbytes)
-        templates = self._templates.get(key)
-        if templates is None:
-            if len(self._templates) >= 64:  # a handful of sizes in practice; never unbounded
-                self._templates.clear()
-            templates = self._templates[key] = [
-                head_template("coll", {"i": i, "o": op, "n": n}, nbytes) for i in range(self.size // 2)]
-        return templates
 
     def _allreduce_program(self, n: int) -> Callable[[np.ndarray, Codec], Program]:
         return self._allreduce_exchange if n <= self.small_max_elems else self._allreduce_ring

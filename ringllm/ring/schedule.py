@@ -3,18 +3,21 @@
 Nothing here does I/O.  :func:`exchange_plan` is the exchange algorithm (every vector passed
 both ways round the ring) as a list of hops for one rank; :class:`Want` describes the next frame
 a collective waits for, and :func:`check_frame` is the one check every received collective
-frame passes; :func:`segments` and :func:`chunks` cut a vector for the ring algorithm.
+frame passes; :func:`head_templates` are an all-reduce's frame heads, encoded once, and
+:func:`expected_header` the header they decode to; :func:`segments` and :func:`chunks` cut a
+vector for the ring algorithm.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ringllm.errors import RemoteProtocolError
-from ringllm.ring.wire import Frame
+from ringllm.ring.wire import Frame, head_template
 
-__all__ = ["NEXT", "PREV", "Hop", "Want", "check_frame", "chunks", "exchange_plan", "segments", "want"]
+__all__ = ["NEXT", "PREV", "Hop", "Want", "check_frame", "chunks", "exchange_plan", "expected_header",
+           "head_templates", "segments", "want"]
 
 NEXT, PREV = 0, 1  # a peer's two links, as indices into (next, prev)
 
@@ -90,6 +93,20 @@ def check_frame(peer: str, frame: Frame, seq: int, want: Want) -> Frame:
         raise RemoteProtocolError(f"peer {peer} sent {len(frame.payload)} payload bytes "
                                   f"(expected {want.nbytes})")
     return frame
+
+
+@functools.lru_cache(maxsize=64)  # a handful of (op, n, size) in practice
+def head_templates(op: str, n: int | None, nbytes: int, count: int) -> tuple[bytes, ...]:
+    """The heads of frames ``i = 0 .. count-1`` of an all-reduce of ``n`` elements in
+    ``nbytes``-byte payloads, as ``wire.head_template``s: ``templates[i] + seq.to_bytes(8,
+    "big")`` is the head in call ``seq``, and its header is :func:`expected_header`'s."""
+    return tuple(head_template("coll", {"i": i, "o": op, "n": n}, nbytes) for i in range(count))
+
+
+def expected_header(want: Want, seq: int) -> dict[str, Any]:
+    """The header (kind ``coll``) of the frame ``want`` describes in call ``seq`` when its head
+    comes from :func:`head_templates`: what those bytes decode to."""
+    return {"i": want.i, "o": want.op, "n": want.n, "s": seq}
 
 
 def segments(n: int, parts: int, align: int) -> list[tuple[int, int]]:

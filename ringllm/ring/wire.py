@@ -218,7 +218,7 @@ class FrameDecoder:
     """
 
     __slots__ = ("max_frame", "max_header", "schemas", "state", "_buf", "_need", "_hlen",
-                 "_plen", "_header", "_kind", "_payload", "_pfill", "_error")
+                 "_plen", "_header", "_kind", "_payload", "_pfill", "_error", "_expect")
 
     def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_header: int = DEFAULT_MAX_HEADER,
@@ -237,6 +237,7 @@ class FrameDecoder:
         self._payload: bytearray | None = None  # partial payload, preallocated to _plen
         self._pfill = 0
         self._error: RemoteProtocolError | None = None
+        self._expect: tuple[bytes, str, dict[str, Any]] | None = None  # see expect()
 
     @property
     def buffered(self) -> int:
@@ -265,6 +266,15 @@ class FrameDecoder:
     def at_frame_start(self) -> bool:
         """True between frames: no byte of a next frame has been fed yet (and not broken)."""
         return self.state is PREFIX_STATE and not self._buf
+
+    def expect(self, head: bytes, kind: str, header: dict[str, Any]) -> None:
+        """Say that a frame whose prefix and header are the bytes ``head`` has ``kind`` and
+        ``header`` (the caller built ``head`` from them, e.g. with :func:`head_template`):
+        when the next such frame arrives whole, its header is taken from here, not parsed and
+        checked again.  Only for a head the caller encoded itself: identical bytes decode to
+        the same header, so the frames returned are the same with or without the hint.  One
+        frame uses the hint (the dict becomes its header); a later ``expect`` replaces it."""
+        self._expect = (head, kind, header)
 
     def payload_buffer(self) -> memoryview | None:
         """The unfilled tail of the payload being received, or None outside a payload.
@@ -329,7 +339,12 @@ class FrameDecoder:
             c = b + plen
             if c > end:
                 break
-            parse_header(data[a:b])
+            expected = self._expect
+            if expected is not None and data.startswith(expected[0], pos) and b - pos == len(expected[0]):
+                self._expect = None
+                self._kind, self._header = expected[1], expected[2]
+            else:
+                parse_header(data[a:b])
             if plen > _COPY_MAX:
                 if mv is None:
                     mv = memoryview(data)

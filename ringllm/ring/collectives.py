@@ -305,8 +305,11 @@ class Collectives:
                 wanted = next(steps)
                 while True:
                     link = links[wanted.side]
-                    if wanted.head is not None and not link.has_frame:  # spare its decoder a parse
-                        link.expect(wanted.head, "coll", expected_header(wanted, seq))
+                    if wanted.head is not None:  # spare the decoders a parse (FrameDecoder.expect):
+                        # an exchange's frame i has this head on either link
+                        for hinted in (links if self.size > 2 else (link,)):
+                            if not hinted.has_frame:
+                                hinted.expect(wanted.head, "coll", expected_header(wanted, seq))
                     frame = check_frame(link.peer, await link.recv(), seq, wanted)
                     wanted = steps.send(frame if wanted.head is None else frame.payload)
             except StopIteration as stop:

@@ -11,6 +11,9 @@ thread count.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -208,3 +211,17 @@ def test_ring_toml_kernels(tmp_path):
     path.write_text('kernels = "gpu"\n' + base)
     with pytest.raises(Exception, match=r"kernels: must be one of auto, numba, numpy, got 'gpu'"):
         config.load_ring(path)
+
+
+def test_kernels_are_cached_in_ringllms_cache_whichever_module_comes_first(tmp_path):
+    """numba's on-disk cache is ringllm's cache directory even when the fused kernels are
+    imported before the matrix kernels (as the kernel loader does). Beside the source it would
+    be site-packages, where files pip does not know outlive an uninstall and shadow the next
+    install of the package."""
+    code = "from ringllm.ops import fused; fused.warm_up(); from ringllm.ops import jit; print(jit.cache_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RINGLLM_CACHE": str(tmp_path)},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "numba")
+    cached = {p.name.split("-")[0] for p in (tmp_path / "numba").rglob("*.nbi")}
+    assert {"fused._rmsnorm", "fused._rope"} <= cached

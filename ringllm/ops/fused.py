@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from ringllm import nn
 from ringllm.nn import GATES, causal_mask, gelu_tanh_glu, rope_factors, softcap, softmax_attention, swiglu  # noqa: F401
+from ringllm.ops.jit import njit  # jit.py configures numba (cache directory, threads) first
 
 _F32 = np.float32
 _JIT = dict(nogil=True, cache=True, fastmath=True)

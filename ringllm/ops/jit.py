@@ -66,7 +66,8 @@ from ringllm.paths import cache_dir as _ringllm_cache
 # prefill) enter parallel kernels at once. OpenMP (libgomp) is thread-safe and ships with gcc.
 numba.config.THREADING_LAYER = "omp"
 # Compiled kernels are cached on disk beside ringllm's models (not in site-packages, which may
-# be read-only); must be set before the decorators below run.
+# be read-only, and where files pip does not know outlive an uninstall); must be set before any
+# decorator runs, so every module with kernels takes njit from here.
 _CACHE = _ringllm_cache() / "numba"
 numba.config.CACHE_DIR = str(_CACHE)
 from numba import njit, prange  # noqa: E402
@@ -341,8 +342,11 @@ def cache_dir():
 
 def _marker():
     import hashlib
+    from pathlib import Path
 
-    src = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:16]
+    here = Path(__file__)
+    src = hashlib.sha256(b"".join((here.with_name(name)).read_bytes()
+                                  for name in ("jit.py", "jit_batch.py", "fused.py"))).hexdigest()[:16]
     return _CACHE / f"warm-{numba.__version__}-{src}"
 
 

@@ -221,6 +221,8 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
+from ringllm.memory import limit_malloc_arenas
+limit_malloc_arenas()  # as a peer process does first
 import numpy
 base = rss()
 import numba

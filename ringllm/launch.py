@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ringllm.errors import ConfigError, ModelError, RingError
 from ringllm.fetch import resolve_model
 from ringllm.file_hash import file_sha256
+from ringllm.memory import limit_malloc_arenas
 from ringllm.ring.config import WILDCARD_HOSTS, RingConfig, init_ring_toml, is_loopback, load_ring
 
 if TYPE_CHECKING:  # loaded when a command runs (the model's modules take a while to import)
@@ -251,6 +252,7 @@ async def _run_ring(peer, cfg: RingConfig) -> None:
 
 
 def run_peer(args: argparse.Namespace) -> int:
+    limit_malloc_arenas()  # before any thread starts
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_ring(args.ring)

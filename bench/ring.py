@@ -118,7 +118,7 @@ class Ring:
         self.p = p
         self.tmp = tempfile.TemporaryDirectory(prefix="ringllm-bench-")
         ring_path = Path(self.tmp.name) / "ring.toml"
-        text = f'kernels = "{kernels}"\n' + init_ring_toml(p, model=model, wire=wire)
+        text = init_ring_toml(p, model=model, wire=wire, kernels=kernels)
         if linkemu:  # each peer at its namespace's address; HTTP on every address, for /health
             for r in range(p):
                 text = text.replace('host = "127.0.0.1"', f'host = "{linkemu_host(r)}"', 1)

@@ -298,7 +298,7 @@ def run_local_ring(n: int, model: str | None, threads: int | None, body: dict[st
     threads = threads or default_threads(n)
     with tempfile.TemporaryDirectory(prefix="ringllm-local-") as tmp:
         ring_path = Path(tmp) / "ring.toml"
-        ring_path.write_text(f'kernels = "{kernels}"\n' + init_ring_toml(n, model=model))
+        ring_path.write_text(init_ring_toml(n, model=model, kernels=kernels))
         cfg = load_ring(ring_path)
         procs = [_spawn_peer(ring_path, r, threads, Path(tmp)) for r in range(n)]
         try:
@@ -372,7 +372,7 @@ def serve_ring_toml(n: int, model: str, *, port: int, kernels: str = "auto", hos
     """The ring.toml ``ringllm serve`` runs: ``n`` peers on 127.0.0.1 (ring links), HTTP on
     ``host`` at ``port``, ``port + 1``, ..., with the API key from ``$api_key_env`` if given."""
     http = [f'host = "{host}"'] + ([f'api_key_env = "{api_key_env}"'] if api_key_env else [])
-    return (f'kernels = "{kernels}"\n' + init_ring_toml(n, name="serve", model=model, http_ports=[port + r for r in range(n)])
+    return (init_ring_toml(n, name="serve", model=model, http_ports=[port + r for r in range(n)], kernels=kernels)
             + "\n[http]\n" + "\n".join(http) + "\n")
 
 

@@ -339,9 +339,9 @@ DEFAULT_BASE_PORT = 7700
 def init_ring_toml(peers: int, *, name: str = "local", model: str = "smollm2-135m", wire: str = "f32",
                    host: str = "127.0.0.1", model_sha256: str | None = None, hosts: Sequence[str] | None = None,
                    base_port: int | None = None, http_base_port: int | None = None,
-                   http_ports: Sequence[int] | None = None) -> str:
+                   http_ports: Sequence[int] | None = None, kernels: str = "auto") -> str:
     """The text of a ready ring.toml: one peer per entry of ``hosts`` (default: ``peers`` on
-    ``host``) and a fresh random secret.
+    ``host``) and a fresh random secret; ``kernels`` is written when not ``auto``.
 
     Ports: with ``base_port``, the k-th peer on a host gets ring port ``base_port + k`` and HTTP
     port ``http_base_port + k``, or, without that, the first port after the host's ring ports
@@ -370,6 +370,7 @@ def init_ring_toml(peers: int, *, name: str = "local", model: str = "smollm2-135
         f'model = "{model}"',
         *([f'model_sha256 = "{model_sha256}"'] if model_sha256 else []),
         f'wire = "{wire}"',
+        *([f'kernels = "{kernels}"'] if kernels != "auto" else []),
         f'secret = "{secrets.token_hex(24)}"',
         "",
     ]
